@@ -1,0 +1,36 @@
+# steerl: `make sim` runs the main job, `make test` the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= sim_panda_pick_cube
+EPISODES ?= 20
+# The CPU wheel of torch lies on the development machines' disk; elsewhere pip fetches this version.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install sim test proto bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: setup.py | $(PY)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+sim: install
+	$(PY) -m tools.cli rollout --config $(CONFIG) --episodes $(EPISODES)
+
+test: install
+	$(PY) -m pytest -q
+
+proto: install
+	$(PY) -m grpc_tools.protoc -Itransport --python_out=transport transport/steerl.proto
+
+bench: install
+	$(PY) benchmarks/robot_link.py --json benchmarks/robot_link.json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,183 @@
+"""The actor's view of the robot: a gymnasium environment backed by a robot link.
+
+``make_env(config)`` returns a :class:`RobotEnv` whose link is either
+
+- :class:`ZmqRobotLink`: the robot server process over ZeroMQ (``env.connection: zmq``), the way a
+  real robot is always driven; or
+- :class:`InprocRobotLink`: a :class:`~robot_server.cell.RobotCell` in this process
+  (``env.connection: inproc``), with the very same safety, clock and episode logic.
+
+Observations are a ``Dict`` of Box fields (``tcp_pose``, ``tcp_velocity``, ``gripper_width``,
+``images/<camera>``, simulator-only ``task/...``); actions are ``Box(-1, 1, (4,))`` or ``(5,)``
+with yaw. ``info`` carries the server's per-step report (``success``, ``watchdog_tripped``,
+``safety/clipped_box``...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+
+from hardware_configs.schema import SessionConfig
+from transport import steerl_pb2 as pb
+from transport.codec import PROTOCOL_VERSION, decode_observation, encode_tensor, spaces_from_pb
+from transport.spaces import RobotSpaces
+from transport.zmq_link import LinkTimeout, RemoteError, RpcClient
+
+log = logging.getLogger("steerl.actor")
+
+
+class RobotLinkError(RuntimeError):
+    """The robot could not be reached or refused a request."""
+
+
+@dataclass
+class StepOutcome:
+    observation: dict[str, np.ndarray]
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: dict[str, float]
+
+
+class RobotLink(Protocol):
+    """What the env needs from a robot: spaces, reset, step, close."""
+
+    spaces: RobotSpaces
+
+    def reset(self, seed: int | None) -> tuple[dict[str, np.ndarray], dict[str, float]]: ...
+
+    def step(self, action: np.ndarray) -> StepOutcome: ...
+
+    def close(self) -> None: ...
+
+
+class InprocRobotLink:
+    """A robot cell running inside this process."""
+
+    def __init__(self, config: SessionConfig) -> None:
+        from robot_server.cell import RobotCell  # the robot server's own logic, in-process
+
+        self.cell = RobotCell(config)
+        self.spaces = self.cell.spaces
+
+    def reset(self, seed: int | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        observation, info, _ = self.cell.reset(seed)
+        return observation, info
+
+    def step(self, action: np.ndarray) -> StepOutcome:
+        from robot_server.cell import EpisodeNotStarted
+        from robot_server.safety import UnsafeAction
+
+        try:
+            result = self.cell.step(action)
+        except (UnsafeAction, EpisodeNotStarted) as error:
+            raise RobotLinkError(f"step refused by the robot cell: {error}") from None
+        return StepOutcome(result.observation, result.reward, result.terminated, result.truncated, result.info)
+
+    def close(self) -> None:
+        self.cell.close()
+
+
+class ZmqRobotLink:
+    """A robot server over ZeroMQ, with the handshake done on construction."""
+
+    def __init__(self, config: SessionConfig, client_name: str | None = None,
+                 role: int = pb.ROLE_CONTROLLER, expected_spaces_hash: str = "") -> None:
+        from robot_server.cell import config_section_hashes
+
+        self._timeout_ms = config.env.timeout_ms
+        self._client = RpcClient(config.env.address, curve=config.env.curve)
+        handshake = pb.Envelope(protocol_version=PROTOCOL_VERSION)
+        handshake.handshake.protocol_version = PROTOCOL_VERSION
+        handshake.handshake.client_name = client_name or f"actor-{os.getpid()}"
+        handshake.handshake.role = role
+        handshake.handshake.spaces_hash = expected_spaces_hash
+        handshake.handshake.config_hashes.update(config_section_hashes(config))
+        reply = self._call(handshake, "handshake").handshake_reply
+        self.session_id = reply.session_id
+        self.spaces = spaces_from_pb(reply.spaces)
+        self.server_config_name = reply.config_name
+        log.info("connected to robot server %s (%s, %s backend)", reply.session_id, reply.config_name,
+                 reply.backend)
+
+    def _call(self, envelope: pb.Envelope, what: str) -> pb.Envelope:
+        try:
+            return self._client.call(envelope, self._timeout_ms)
+        except LinkTimeout as error:
+            self._client.reconnect()
+            raise RobotLinkError(f"{what}: {error}") from None
+        except RemoteError as error:
+            raise RobotLinkError(f"{what} refused by the robot server: {error}") from None
+
+    def reset(self, seed: int | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        request = pb.Envelope()
+        request.reset.has_seed = seed is not None
+        request.reset.seed = seed or 0
+        reply = self._call(request, "reset").reset_reply
+        return decode_observation(reply.observation), dict(reply.info)
+
+    def step(self, action: np.ndarray) -> StepOutcome:
+        request = pb.Envelope()
+        encode_tensor(np.asarray(action, dtype=np.float32), request.step.action)
+        reply = self._call(request, "step").step_reply
+        return StepOutcome(decode_observation(reply.observation), reply.reward, reply.terminated,
+                           reply.truncated, dict(reply.info))
+
+    def observe(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        request = pb.Envelope()
+        request.observe.SetInParent()
+        reply = self._call(request, "observe").observe_reply
+        return decode_observation(reply.observation), dict(reply.info)
+
+    def close(self) -> None:
+        try:
+            request = pb.Envelope()
+            request.goodbye.SetInParent()
+            self._client.call(request, min(self._timeout_ms, 500))
+        except (LinkTimeout, RemoteError):
+            pass
+        self._client.close()
+
+
+class RobotEnv(gym.Env):
+    """A gymnasium env over a :class:`RobotLink`; see the module docstring."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, link: RobotLink) -> None:
+        self.link = link
+        self.observation_space = link.spaces.observation_space()
+        self.action_space = link.spaces.action_space()
+        self._keys = list(self.observation_space.spaces)
+
+    def _ordered(self, observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = set(self._keys) - set(observation)
+        if missing:
+            raise RobotLinkError(f"observation is missing fields {sorted(missing)}")
+        return {key: observation[key] for key in self._keys}
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        observation, info = self.link.reset(seed)
+        return self._ordered(observation), info
+
+    def step(self, action):
+        outcome = self.link.step(np.asarray(action, dtype=np.float32))
+        return (self._ordered(outcome.observation), outcome.reward, outcome.terminated,
+                outcome.truncated, outcome.info)
+
+    def close(self) -> None:
+        self.link.close()
+
+
+def make_env(config: SessionConfig, client_name: str | None = None) -> RobotEnv:
+    """The robot of ``config`` as a gymnasium env (over ZeroMQ or in-process, per ``env.connection``)."""
+    if config.env.connection == "inproc":
+        return RobotEnv(InprocRobotLink(config))
+    return RobotEnv(ZmqRobotLink(config, client_name=client_name))

@@ -1,0 +1,48 @@
+"""steerl: a real-robot reinforcement-learning control stack (robot server, actor, learner)."""
+
+from setuptools import setup
+
+PACKAGES = [
+    "actor",
+    "learner",
+    "policies",
+    "robot_server",
+    "robot_server.backends",
+    "transport",
+    "hardware_configs",
+    "tools",
+]
+
+setup(
+    name="steerl",
+    version="0.1.0",
+    description="Real-robot RL control stack: ZeroMQ robot server, gymnasium actor, SAC/RLPD learner",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_data={"hardware_configs": ["*.yaml"], "transport": ["*.proto"]},
+    install_requires=[
+        "numpy>=1.26",
+        "torch>=2.13",
+        "pyzmq>=26",
+        "protobuf>=7.35,<8",
+        "gymnasium>=1.0",
+        "pybullet>=3.2.6",
+        "pyyaml>=6",
+        "opencv-python-headless>=4.9",
+        "pyrealsense2>=2.55",
+        "safetensors>=0.4",
+        "rich>=13",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            # The generated transport/steerl_pb2.py is checked against this exact protoc.
+            "grpcio-tools==1.85.1",
+            # HTTP/JSON baseline of benchmarks/robot_link.py (shaped like SERL's Franka server).
+            "flask>=3",
+        ],
+    },
+    entry_points={"console_scripts": ["steerl=tools.cli:main"]},
+)

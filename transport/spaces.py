@@ -1,0 +1,68 @@
+"""Observation/action field specs shared by the robot server, the env client and the learner.
+
+A robot's spaces are a flat mapping of named Box fields (``tcp_pose``, ``images/front``...). The
+server announces them in the handshake; the client builds its gymnasium spaces from them, and both
+sides compare a hash of them so that a mismatch is refused before any motion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from gymnasium import spaces
+
+ALLOWED_DTYPES = ("uint8", "int32", "int64", "float32", "float64", "bool")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """A Box-shaped field: dtype, shape and elementwise bounds (scalars broadcast)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    low: float | tuple[float, ...]
+    high: float | tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ALLOWED_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {ALLOWED_DTYPES}")
+
+    def to_box(self) -> spaces.Box:
+        shape = tuple(self.shape)
+        low = np.broadcast_to(np.asarray(self.low, dtype=self.dtype), shape).copy()
+        high = np.broadcast_to(np.asarray(self.high, dtype=self.dtype), shape).copy()
+        return spaces.Box(low=low, high=high, shape=shape, dtype=np.dtype(self.dtype))
+
+    def canonical(self) -> dict:
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "low": list(self.low) if isinstance(self.low, tuple) else self.low,
+            "high": list(self.high) if isinstance(self.high, tuple) else self.high,
+        }
+
+
+@dataclass(frozen=True)
+class RobotSpaces:
+    """The observation fields and the action field of a robot cell."""
+
+    observation: dict[str, FieldSpec]
+    action: FieldSpec
+
+    def observation_space(self) -> spaces.Dict:
+        return spaces.Dict({name: spec.to_box() for name, spec in sorted(self.observation.items())})
+
+    def action_space(self) -> spaces.Box:
+        return self.action.to_box()
+
+    def digest(self) -> str:
+        """A stable hash of the spaces; equal on both ends of a compatible link."""
+        canonical = {
+            "observation": {k: v.canonical() for k, v in sorted(self.observation.items())},
+            "action": self.action.canonical(),
+        }
+        blob = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,166 @@
+"""ZeroMQ helpers: server and client sockets with size limits, timeouts and optional CURVE keys.
+
+Servers bind a ROUTER socket and answer each request on the identity it came from, so that a
+client that vanishes mid-request costs nothing but a dropped reply. Clients use a DEALER socket
+(:class:`RpcClient`) that matches replies to requests by ``request_id`` and discards stale ones,
+so a timed-out request never gets confused with the next one.
+
+CURVE: ``generate_keypair`` writes ZeroMQ certificate files (``NAME.key`` public,
+``NAME.key_secret`` secret). A server given ``CurveServerKeys`` accepts only clients whose public
+key file lies in its ``authorized_keys_dir``; everyone else is refused by ZeroMQ before a single
+message reaches steerl.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from hardware_configs.schema import CurveClientKeys, CurveServerKeys
+from transport import steerl_pb2 as pb
+from transport.codec import PROTOCOL_VERSION, ProtocolError, parse_envelope
+
+log = logging.getLogger(__name__)
+
+# ZeroMQ drops (and disconnects) peers whose frames exceed this multiple of the configured limit,
+# before they are ever allocated in Python; frames between the limit and this ceiling get a clear
+# error reply from the application instead.
+HARD_LIMIT_FACTOR = 4
+
+
+class LinkTimeout(TimeoutError):
+    """No reply arrived within the timeout."""
+
+
+class RemoteError(RuntimeError):
+    """The peer answered with an Error message."""
+
+    def __init__(self, error: pb.Error) -> None:
+        name = pb.ErrorCode.Name(error.code)
+        super().__init__(f"{name}: {error.message}")
+        self.code = error.code
+        self.field = error.field
+        self.detail = error.message
+
+
+def generate_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (public) and ``NAME.key_secret`` (secret, mode 600) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    public_file, secret_file = zmq.auth.create_certificates(str(directory), name)
+    os.chmod(secret_file, 0o600)
+    return Path(public_file), Path(secret_file)
+
+
+def _load_secret(path: str) -> tuple[bytes, bytes]:
+    public, secret = zmq.auth.load_certificate(path)
+    if secret is None:
+        raise ValueError(f"{path}: not a secret key file (made by 'steerl keys generate')")
+    return public, secret
+
+
+def bind_server(context: zmq.Context, address: str, max_message_bytes: int,
+                curve: CurveServerKeys | None = None) -> tuple[zmq.Socket, ThreadAuthenticator | None]:
+    """A bound ROUTER socket (and its CURVE authenticator, to stop when done)."""
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes * HARD_LIMIT_FACTOR)
+    socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    authenticator = None
+    if curve is not None:
+        authenticator = ThreadAuthenticator(context, log=logging.getLogger("steerl.auth"))
+        authenticator.start()
+        authenticator.configure_curve(domain="*", location=curve.authorized_keys_dir)
+        public, secret = _load_secret(curve.secret_key_file)
+        socket.curve_secretkey = secret
+        socket.curve_publickey = public
+        socket.curve_server = True
+    try:
+        socket.bind(address)
+    except zmq.ZMQError as error:
+        socket.close()
+        if authenticator is not None:
+            authenticator.stop()
+        raise OSError(f"cannot bind {address}: {error}") from None
+    return socket, authenticator
+
+
+class RpcClient:
+    """Request/reply over a DEALER socket with per-call timeouts and request-id matching."""
+
+    def __init__(self, address: str, max_message_bytes: int = 64 * 1024 * 1024,
+                 curve: CurveClientKeys | None = None, context: zmq.Context | None = None) -> None:
+        self.address = address
+        self.max_message_bytes = max_message_bytes
+        self._curve = curve
+        self._context = context or zmq.Context.instance()
+        self._ids = itertools.count(1)
+        self._socket: zmq.Socket | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        if self._curve is not None:
+            public, secret = _load_secret(self._curve.secret_key_file)
+            server_public, _ = zmq.auth.load_certificate(self._curve.server_public_key_file)
+            socket.curve_secretkey = secret
+            socket.curve_publickey = public
+            socket.curve_serverkey = server_public
+        socket.connect(self.address)
+        self._socket = socket
+
+    def reconnect(self) -> None:
+        """Drop the socket (and any reply still in flight) and connect afresh."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self._connect()
+
+    def call(self, envelope: pb.Envelope, timeout_ms: int) -> pb.Envelope:
+        """Send ``envelope`` and wait for its reply; raise RemoteError for an Error reply."""
+        assert self._socket is not None, "client is closed"
+        request_id = next(self._ids)
+        envelope.protocol_version = envelope.protocol_version or PROTOCOL_VERSION
+        envelope.request_id = request_id
+        self._socket.send(envelope.SerializeToString(), copy=False)
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+                raise LinkTimeout(f"no reply from {self.address} within {timeout_ms} ms")
+            frame = self._socket.recv(copy=False).bytes
+            try:
+                reply = parse_envelope(frame, self.max_message_bytes)
+            except ProtocolError as error:
+                log.warning("dropping reply from %s: %s", self.address, error)
+                continue
+            if reply.request_id != request_id:
+                log.debug("dropping stale reply %d (waiting for %d)", reply.request_id, request_id)
+                continue
+            if reply.WhichOneof("body") == "error":
+                raise RemoteError(reply.error)
+            return reply
+
+    def send_raw(self, frame: bytes) -> None:
+        """Send bytes as they are (tests of the server's handling of bad input)."""
+        assert self._socket is not None
+        self._socket.send(frame)
+
+    def recv_raw(self, timeout_ms: int) -> bytes | None:
+        assert self._socket is not None
+        if not self._socket.poll(timeout_ms, zmq.POLLIN):
+            return None
+        return self._socket.recv()
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None

@@ -40,8 +40,8 @@ class FieldSpec:
         return {
             "dtype": self.dtype,
             "shape": list(self.shape),
-            "low": list(self.low) if isinstance(self.low, tuple) else self.low,
-            "high": list(self.high) if isinstance(self.high, tuple) else self.high,
+            "low": [float(v) for v in np.atleast_1d(self.low)],
+            "high": [float(v) for v in np.atleast_1d(self.high)],
         }
 
 

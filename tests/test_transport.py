@@ -1,0 +1,100 @@
+"""The wire schema and codec: round trips, validation of untrusted tensors, generated code current."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transport import steerl_pb2 as pb
+from transport.codec import (
+    ProtocolError,
+    decode_observation,
+    decode_tensor,
+    encode_observation,
+    encode_tensor,
+    parse_envelope,
+    spaces_from_pb,
+    spaces_to_pb,
+)
+from transport.spaces import FieldSpec, RobotSpaces
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int32", "int64", "float32", "float64", "bool"])
+def test_tensor_round_trip(dtype: str) -> None:
+    array = (np.arange(24).reshape(2, 3, 4) % 2).astype(dtype)
+    decoded = decode_tensor(encode_tensor(array), "t")
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_non_contiguous_arrays_are_sent_in_c_order() -> None:
+    array = np.arange(12, dtype=np.float32).reshape(3, 4).T
+    np.testing.assert_array_equal(decode_tensor(encode_tensor(array), "t"), array)
+
+
+def test_tensor_with_wrong_byte_count_names_the_field() -> None:
+    tensor = pb.Tensor(dtype="float32", shape=[4], data=b"\x00" * 12)
+    with pytest.raises(ProtocolError, match=r"step.action: 12 bytes do not hold a float32 tensor of shape \(4,\)") as error:
+        decode_tensor(tensor, "step.action")
+    assert error.value.code == pb.ERROR_INVALID_ARGUMENT and error.value.field == "step.action"
+
+
+@pytest.mark.parametrize("dtype", ["object", "float16", "", "<f8"])
+def test_tensor_with_unknown_dtype_is_refused(dtype: str) -> None:
+    with pytest.raises(ProtocolError, match="dtype"):
+        decode_tensor(pb.Tensor(dtype=dtype, shape=[1], data=b"\x00" * 8), "x")
+
+
+def test_tensor_with_negative_shape_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="invalid shape"):
+        decode_tensor(pb.Tensor(dtype="uint8", shape=[-1], data=b""), "x")
+
+
+def test_observation_round_trip_keeps_every_field() -> None:
+    fields = {"tcp_pose": np.arange(7, dtype=np.float32), "images/front": np.full((8, 8, 3), 7, np.uint8)}
+    message = encode_observation(fields, stamp_s=12.5)
+    decoded = decode_observation(pb.Observation.FromString(message.SerializeToString()))
+    assert set(decoded) == set(fields)
+    for key in fields:
+        np.testing.assert_array_equal(decoded[key], fields[key])
+
+
+def test_spaces_round_trip_and_hash() -> None:
+    spaces = RobotSpaces(
+        observation={"a": FieldSpec("float32", (3,), (-1.0, -2.0, -3.0), 1.0),
+                     "images/x": FieldSpec("uint8", (4, 4, 3), 0, 255)},
+        action=FieldSpec("float32", (4,), -1.0, 1.0),
+    )
+    again = spaces_from_pb(pb.Spaces.FromString(spaces_to_pb(spaces).SerializeToString()))
+    assert again.digest() == spaces.digest()
+    other = RobotSpaces(observation=spaces.observation, action=FieldSpec("float32", (5,), -1.0, 1.0))
+    assert other.digest() != spaces.digest()
+    box = again.observation_space()["a"]
+    np.testing.assert_array_equal(box.low, [-1, -2, -3])
+
+
+def test_parse_envelope_refuses_garbage_oversize_and_empty() -> None:
+    with pytest.raises(ProtocolError) as error:
+        parse_envelope(b"\xff\xff\xff\xff\xff", max_bytes=1024)
+    assert error.value.code == pb.ERROR_MALFORMED
+    with pytest.raises(ProtocolError) as error:
+        parse_envelope(b"\x00" * 2048, max_bytes=1024)
+    assert error.value.code == pb.ERROR_TOO_LARGE and "2048 bytes exceeds the limit of 1024" in str(error.value)
+    with pytest.raises(ProtocolError, match="no body"):
+        parse_envelope(pb.Envelope(protocol_version=1).SerializeToString(), max_bytes=1024)
+
+
+def test_generated_module_matches_the_schema(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO / 'transport'}", f"--python_out={tmp_path}",
+         str(REPO / "transport" / "steerl.proto")],
+        check=True,
+    )
+    regenerated = (tmp_path / "steerl_pb2.py").read_text()
+    assert regenerated == (REPO / "transport" / "steerl_pb2.py").read_text(), "run `make proto`"

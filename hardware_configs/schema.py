@@ -232,6 +232,112 @@ class EnvConfig:
 
 
 @dataclass(frozen=True)
+class ImageEncoderConfig:
+    """How camera images enter the networks (one encoder per camera, shared by actor and critic)."""
+
+    # small_cnn: a 4-layer CNN trained with the critic. pretrained: a frozen TorchScript backbone
+    # loaded from pretrained_path (features computed once per batch, no gradient).
+    kind: Literal["small_cnn", "pretrained"] = "small_cnn"
+    pretrained_path: str = ""
+    channels: int = 32
+    latent_dim: int = 64
+    # DrQ random shift: pad by this many pixels, crop back at a random offset (0 disables).
+    augment_pad: int = 4
+
+    def validate(self) -> None:
+        if self.kind == "pretrained" and not self.pretrained_path:
+            raise ValueError("kind 'pretrained' needs pretrained_path")
+        if self.latent_dim < 1 or self.channels < 1 or self.augment_pad < 0:
+            raise ValueError("channels and latent_dim must be positive, augment_pad non-negative")
+
+
+@dataclass(frozen=True)
+class GripperCriticConfig:
+    """HIL-SERL's discrete gripper head: close / stay / open, trained by double DQN."""
+
+    enabled: bool = False
+    # Subtracted from the gripper critic's reward each time the gripper changes state.
+    toggle_penalty: float = 0.1
+
+
+@dataclass(frozen=True)
+class SACConfig:
+    """SAC / RLPD hyper-parameters (see learner/sac.py for the math)."""
+
+    hidden_dims: tuple[int, ...] = (256, 256)
+    num_critics: int = 2
+    # The TD target takes the min over a random subset of this many target critics (REDQ/RLPD).
+    critic_subset: int = 2
+    layer_norm: bool = True
+    discount: float = 0.99
+    tau: float = 0.005
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    temperature_lr: float = 3e-4
+    init_temperature: float = 1.0
+    # None: -action_dim / 2 (RLPD's choice).
+    target_entropy: Optional[float] = None
+    # Include the entropy bonus of the next action in the TD target.
+    backup_entropy: bool = True
+    batch_size: int = 256
+    # Critic updates per environment step; the actor and temperature update once per step.
+    utd_ratio: int = 1
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    gripper_critic: GripperCriticConfig = field(default_factory=GripperCriticConfig)
+
+    def validate(self) -> None:
+        if not 1 <= self.critic_subset <= self.num_critics:
+            raise ValueError(f"critic_subset must lie in [1, num_critics={self.num_critics}]")
+        if not 0.0 < self.discount < 1.0:
+            raise ValueError("discount must lie in (0, 1)")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError("tau must lie in (0, 1]")
+        if self.batch_size < 1 or self.utd_ratio < 1:
+            raise ValueError("batch_size and utd_ratio must be at least 1")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The learner process: what it trains on, where it listens, how often it publishes."""
+
+    algorithm: Literal["sac"] = "sac"
+    sac: SACConfig = field(default_factory=SACConfig)
+    # Observation fields the networks see; empty: every field of the robot's observation.
+    observation_keys: tuple[str, ...] = ()
+    replay_capacity: int = 200_000
+    # Share of each batch drawn from the demo buffer (when it holds data).
+    demo_ratio: float = 0.5
+    # Online transitions before the first update.
+    learning_starts: int = 500
+    # Transitions in, weights out (the actor connects here).
+    address: str = "tcp://127.0.0.1:5560"
+    publish_every_updates: int = 50
+    checkpoint_every_updates: int = 5000
+    run_dir: str = "runs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.demo_ratio < 1.0:
+            raise ValueError("demo_ratio must lie in [0, 1)")
+        if self.replay_capacity < 1000:
+            raise ValueError("replay_capacity must be at least 1000")
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """The acting loop on the robot PC."""
+
+    # Uniform random actions for this many env steps before the policy acts (when no demos).
+    random_steps: int = 1000
+    # Evaluate the deterministic policy for eval_episodes every eval_every_episodes (0: never).
+    eval_every_episodes: int = 20
+    eval_episodes: int = 10
+    # Transitions waiting to be sent; when full the oldest unsent are kept and acting continues.
+    send_queue_size: int = 100_000
+    timeout_ms: int = 2000
+
+
+@dataclass(frozen=True)
 class SessionConfig:
     """One robot cell and task: the whole content of a file in hardware_configs/."""
 
@@ -240,6 +346,8 @@ class SessionConfig:
     robot: RobotConfig = field(default_factory=RobotConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

@@ -146,3 +146,33 @@ def error_envelope(request_id: int, error: ProtocolError) -> pb.Envelope:
 def info_to_pb(info: Mapping[str, float], out) -> None:
     for key, value in info.items():
         out[key] = float(value)
+
+
+def encode_transition(out: pb.Transition, episode: int, step: int, observation: Mapping[str, np.ndarray],
+                      action: np.ndarray, reward: float, next_observation: Mapping[str, np.ndarray],
+                      terminated: bool, truncated: bool, intervened: bool = False) -> pb.Transition:
+    """Fill ``out`` with one executed step."""
+    out.episode = episode
+    out.step = step
+    encode_observation(observation, 0.0, out.observation)
+    encode_tensor(np.asarray(action, dtype=np.float32), out.action)
+    out.reward = float(reward)
+    encode_observation(next_observation, 0.0, out.next_observation)
+    out.terminated = bool(terminated)
+    out.truncated = bool(truncated)
+    out.intervened = bool(intervened)
+    return out
+
+
+def decode_transition(message: pb.Transition) -> dict:
+    """The step's arrays and flags (validated byte counts; shapes are the replay's to check)."""
+    where = f"transition[{message.episode}:{message.step}]"
+    return {
+        "observation": decode_observation(message.observation, f"{where}.observation"),
+        "action": decode_tensor(message.action, f"{where}.action"),
+        "reward": message.reward,
+        "next_observation": decode_observation(message.next_observation, f"{where}.next_observation"),
+        "terminated": message.terminated,
+        "truncated": message.truncated,
+        "intervened": message.intervened,
+    }

@@ -52,6 +52,29 @@ class RobotSpaces:
     observation: dict[str, FieldSpec]
     action: FieldSpec
 
+    def select(self, keys: tuple[str, ...] | list[str]) -> "RobotSpaces":
+        """The same spaces with only the observation fields in ``keys`` (all when empty)."""
+        if not keys:
+            return self
+        missing = [key for key in keys if key not in self.observation]
+        if missing:
+            raise KeyError(f"observation fields {missing} are not served by this robot "
+                           f"(it has: {', '.join(sorted(self.observation))})")
+        return RobotSpaces(observation={key: self.observation[key] for key in keys}, action=self.action)
+
+    def to_json(self) -> dict:
+        return {"observation": {k: v.canonical() for k, v in self.observation.items()},
+                "action": self.action.canonical()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RobotSpaces":
+        def spec(entry: dict) -> FieldSpec:
+            low, high = entry["low"], entry["high"]
+            return FieldSpec(entry["dtype"], tuple(entry["shape"]),
+                             low[0] if len(low) == 1 else tuple(low), high[0] if len(high) == 1 else tuple(high))
+
+        return cls(observation={k: spec(v) for k, v in data["observation"].items()}, action=spec(data["action"]))
+
     def observation_space(self) -> spaces.Dict:
         return spaces.Dict({name: spec.to_box() for name, spec in sorted(self.observation.items())})
 

@@ -96,8 +96,11 @@ class RpcClient:
     """Request/reply over a DEALER socket with per-call timeouts and request-id matching."""
 
     def __init__(self, address: str, max_message_bytes: int = 64 * 1024 * 1024,
-                 curve: CurveClientKeys | None = None, context: zmq.Context | None = None) -> None:
+                 curve: CurveClientKeys | None = None, context: zmq.Context | None = None,
+                 identity: bytes | None = None) -> None:
         self.address = address
+        # A stable identity lets the server recognise this client across reconnects.
+        self.identity = identity or os.urandom(8)
         self.max_message_bytes = max_message_bytes
         self._curve = curve
         self._context = context or zmq.Context.instance()
@@ -109,6 +112,7 @@ class RpcClient:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        socket.setsockopt(zmq.IDENTITY, self.identity)
         if self._curve is not None:
             public, secret = _load_secret(self._curve.secret_key_file)
             server_public, _ = zmq.auth.load_certificate(self._curve.server_public_key_file)

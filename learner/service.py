@@ -1,0 +1,265 @@
+"""The learner's network side: actors send transitions in and fetch policy weights out.
+
+One ROUTER socket serves every actor (transport/steerl.proto, "actor <-> learner"):
+
+- ``ActorHello`` -> ``LearnerHello``: the actor learns the last of its transitions the learner
+  holds durably, resends what came after and numbers new episodes after it.
+- ``TransitionBatch`` -> ``TransitionAck``: every transition is checked (numbers in order, arrays
+  valid for the spaces); the good ones are appended to the write-ahead log (fsync) and handed to
+  ``on_transition``; only then is the batch acknowledged. Duplicates (a resend after a lost ack,
+  a restarted actor) are counted and dropped; bad transitions are counted with their reason,
+  logged and never stored.
+- ``WeightsRequest`` -> ``Weights``: the newest published policy (safetensors bytes) if the actor's
+  version is older.
+
+The service never blocks: :meth:`LearnerService.poll` handles what has arrived and returns, so the
+training loop interleaves it with gradient updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from learner.transition_log import TransitionLog
+from transport import steerl_pb2 as pb
+from transport.codec import (
+    PROTOCOL_VERSION,
+    ProtocolError,
+    decode_transition,
+    error_envelope,
+    parse_envelope,
+    spaces_from_pb,
+)
+from transport.spaces import RobotSpaces
+from transport.zmq_link import bind_server
+
+log = logging.getLogger("steerl.learner")
+
+Sequence = tuple[int, int]  # (episode, step)
+
+
+@dataclass
+class ActorStats:
+    """What the learner knows about one actor stream."""
+
+    stream_id: int
+    acked: Sequence | None = None
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+
+class LearnerService:
+    """Transitions in, weights out (see module docstring)."""
+
+    def __init__(self, address: str, transition_log: TransitionLog | None,
+                 on_transition: Callable[[int, dict], None],
+                 on_episode: Callable[[str, pb.EpisodeSummary], None] | None = None,
+                 on_spaces: Callable[[RobotSpaces], None] | None = None,
+                 max_message_bytes: int = 256 * 1024 * 1024, curve=None,
+                 context: zmq.Context | None = None) -> None:
+        self.session = uuid.uuid4().hex[:12]
+        self._socket, self._authenticator = bind_server(context or zmq.Context.instance(), address,
+                                                        max_message_bytes, curve)
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._max_bytes = max_message_bytes
+        self._log = transition_log
+        self._on_transition = on_transition
+        self._on_episode = on_episode
+        self._on_spaces = on_spaces
+        self.spaces: RobotSpaces | None = None
+        self.actors: dict[str, ActorStats] = {}
+        self.weights_version = 0
+        self._weights = b""
+        self.learner_updates = 0
+        self.transitions_received = 0
+
+    # -- state the checkpoint keeps -----------------------------------------------------------
+    def stream_table(self) -> dict[str, dict]:
+        return {actor: {"stream_id": s.stream_id, "acked": list(s.acked) if s.acked else None}
+                for actor, s in self.actors.items()}
+
+    def restore_stream_table(self, table: dict[str, dict]) -> None:
+        for actor, entry in table.items():
+            acked = tuple(entry["acked"]) if entry["acked"] is not None else None
+            self.actors[actor] = ActorStats(stream_id=int(entry["stream_id"]), acked=acked)
+
+    def set_spaces(self, spaces: RobotSpaces) -> None:
+        self.spaces = spaces
+
+    def publish(self, weights: bytes, learner_updates: int) -> None:
+        """Make ``weights`` (safetensors bytes of the policy) the newest version."""
+        self._weights = weights
+        self.weights_version += 1
+        self.learner_updates = learner_updates
+
+    # -- transitions --------------------------------------------------------------------------
+    def _stats(self, actor_id: str) -> ActorStats:
+        if actor_id not in self.actors:
+            self.actors[actor_id] = ActorStats(stream_id=len(self.actors))
+        return self.actors[actor_id]
+
+    def ingest(self, batch: pb.TransitionBatch, write_log: bool = True) -> pb.TransitionAck:
+        """Check, log durably and store a batch; the ack says what the learner now holds."""
+        stats = self._stats(batch.actor_id)
+        ack = pb.TransitionAck()
+        fresh = pb.TransitionBatch(actor_id=batch.actor_id)
+        decoded = []
+        last = stats.acked
+        for message in batch.transitions:
+            sequence = (message.episode, message.step)
+            if last is not None and sequence <= last:
+                stats.duplicates += 1
+                ack.duplicates += 1
+                continue
+            try:
+                transition = decode_transition(message)
+                self._check(transition)
+            except (ProtocolError, ValueError) as error:
+                reason = str(error)
+                stats.rejected[re.sub(r"^transition\[\d+:\d+\]\.", "", reason)] += 1
+                ack.rejected.append(f"{sequence}: {reason}")
+                log.warning("actor %s: rejected transition %s: %s", batch.actor_id, sequence, reason)
+                last = sequence
+                continue
+            fresh.transitions.append(message)
+            decoded.append(transition)
+            last = sequence
+        if write_log and self._log is not None and fresh.transitions:
+            self._log.append(fresh)
+        for transition in decoded:
+            self._on_transition(stats.stream_id, transition)
+        stats.accepted += len(decoded)
+        self.transitions_received += len(decoded)
+        stats.acked = last
+        if self._on_episode is not None:
+            for summary in batch.episodes:
+                self._on_episode(batch.actor_id, summary)
+        ack.accepted = len(decoded)
+        if stats.acked is not None:
+            ack.has_acked = True
+            ack.acked_episode, ack.acked_step = stats.acked
+        ack.weights_version = self.weights_version
+        ack.learner_updates = self.learner_updates
+        return ack
+
+    def _check(self, transition: dict) -> None:
+        """Refuse a transition that does not fit the spaces (the replay checks again on add)."""
+        if self.spaces is None:
+            raise ValueError("no actor has announced the spaces yet")
+        for part in ("observation", "next_observation"):
+            fields = transition[part]
+            for name, spec in self.spaces.observation.items():
+                value = fields.get(name)
+                if value is None:
+                    raise ValueError(f"{part}.{name}: missing")
+                if value.shape != tuple(spec.shape) or value.dtype.name != spec.dtype:
+                    raise ValueError(f"{part}.{name}: expected {spec.dtype}{tuple(spec.shape)}, "
+                                     f"got {value.dtype.name}{value.shape}")
+                if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                    raise ValueError(f"{part}.{name}: non-finite values")
+        action, spec = transition["action"], self.spaces.action
+        if action.shape != tuple(spec.shape) or action.dtype.name != spec.dtype:
+            raise ValueError(f"action: expected {spec.dtype}{tuple(spec.shape)}, got {action.dtype.name}{action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError("action: non-finite values")
+        if not np.isfinite(transition["reward"]):
+            raise ValueError("reward: non-finite")
+
+    def replay_log(self) -> int:
+        """Feed the transition log (after a checkpoint was loaded) through dedup into the buffers."""
+        if self._log is None:
+            return 0
+        before = self.transitions_received
+        for batch in self._log.replay():
+            self.ingest(batch, write_log=False)
+        return self.transitions_received - before
+
+    # -- socket -------------------------------------------------------------------------------
+    def poll(self, timeout_ms: int = 0, max_messages: int = 64) -> int:
+        """Serve what has arrived (waiting up to ``timeout_ms`` for the first); returns the count."""
+        served = 0
+        while served < max_messages and self._socket.poll(timeout_ms if served == 0 else 0, zmq.POLLIN):
+            frames = self._socket.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            request_id = 0
+            try:
+                if len(frames) != 2:
+                    raise ProtocolError(pb.ERROR_MALFORMED, f"expected one frame per message, got {len(frames) - 1}")
+                envelope = parse_envelope(frames[1].buffer, self._max_bytes)
+                request_id = envelope.request_id
+                reply = self._dispatch(envelope)
+            except ProtocolError as error:
+                log.warning("refused request from actor %s: %s", identity.hex()[:10], error)
+                reply = error_envelope(request_id, error)
+            except Exception as error:  # never let one bad request take the learner down
+                log.exception("internal error serving an actor")
+                reply = error_envelope(request_id, ProtocolError(pb.ERROR_INTERNAL, f"{type(error).__name__}: {error}"))
+            reply.protocol_version = PROTOCOL_VERSION
+            try:
+                self._socket.send_multipart([identity, reply.SerializeToString()], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("reply to actor dropped: not reading")
+            served += 1
+        return served
+
+    def _dispatch(self, envelope: pb.Envelope) -> pb.Envelope:
+        if envelope.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolError(pb.ERROR_PROTOCOL_VERSION,
+                                f"actor speaks protocol version {envelope.protocol_version}, learner {PROTOCOL_VERSION}")
+        kind = envelope.WhichOneof("body")
+        reply = pb.Envelope(request_id=envelope.request_id)
+        if kind == "actor_hello":
+            reply.learner_hello.CopyFrom(self._hello(envelope.actor_hello))
+        elif kind == "transitions":
+            if envelope.transitions.actor_id not in self.actors:
+                raise ProtocolError(pb.ERROR_UNEXPECTED_MESSAGE, "transitions: send an actor_hello first")
+            reply.transition_ack.CopyFrom(self.ingest(envelope.transitions))
+        elif kind == "weights_request":
+            reply.weights.version = self.weights_version
+            reply.weights.learner_updates = self.learner_updates
+            if envelope.weights_request.have_version < self.weights_version:
+                reply.weights.safetensors = self._weights
+        else:
+            raise ProtocolError(pb.ERROR_UNEXPECTED_MESSAGE,
+                                f"unexpected message type {kind!r}: a learner accepts actor_hello, transitions, "
+                                "weights_request")
+        return reply
+
+    def _hello(self, hello: pb.ActorHello) -> pb.LearnerHello:
+        if not hello.actor_id:
+            raise ProtocolError(pb.ERROR_INVALID_ARGUMENT, "actor_hello.actor_id: empty", "actor_hello.actor_id")
+        spaces = spaces_from_pb(hello.spaces)
+        if spaces.digest() != hello.spaces_hash:
+            raise ProtocolError(pb.ERROR_INVALID_ARGUMENT, "actor_hello.spaces_hash does not match its spaces")
+        if self.spaces is None:
+            self.spaces = spaces
+            if self._on_spaces is not None:
+                self._on_spaces(spaces)
+        elif spaces.digest() != self.spaces.digest():
+            raise ProtocolError(pb.ERROR_INCOMPATIBLE,
+                                f"actor {hello.actor_id!r} acts in spaces {spaces.digest()}, this learner trains "
+                                f"on {self.spaces.digest()}: observation or action fields differ")
+        stats = self._stats(hello.actor_id)
+        reply = pb.LearnerHello(learner_session=self.session, weights_version=self.weights_version)
+        if stats.acked is not None:
+            reply.has_acked = True
+            reply.acked_episode, reply.acked_step = stats.acked
+        log.info("actor %r connected (stream %d, %d transitions held)", hello.actor_id, stats.stream_id, stats.accepted)
+        return reply
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        if self._log is not None:
+            self._log.close()

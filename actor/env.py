@@ -181,3 +181,37 @@ def make_env(config: SessionConfig, client_name: str | None = None) -> RobotEnv:
     if config.env.connection == "inproc":
         return RobotEnv(InprocRobotLink(config))
     return RobotEnv(ZmqRobotLink(config, client_name=client_name))
+
+
+class DictBoxObservation(gym.ObservationWrapper):
+    """Presents a Box (or Dict-of-Box) observation as a Dict of float32 Box fields (``state`` for a
+    plain Box), the shape of observation steerl's learner consumes."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        source = env.observation_space
+        boxes = source.spaces if isinstance(source, gym.spaces.Dict) else {"state": source}
+        for name, box in boxes.items():
+            if not isinstance(box, gym.spaces.Box):
+                raise ValueError(f"observation field {name!r} is {type(box).__name__}; only Box fields are supported")
+        self._plain = not isinstance(source, gym.spaces.Dict)
+        self.observation_space = gym.spaces.Dict({
+            name: box if box.dtype == np.uint8 else gym.spaces.Box(
+                np.maximum(box.low, np.finfo(np.float32).min).astype(np.float32),
+                np.minimum(box.high, np.finfo(np.float32).max).astype(np.float32), box.shape, np.float32)
+            for name, box in boxes.items()
+        })
+
+    def observation(self, observation):
+        fields = {"state": observation} if self._plain else observation
+        return {name: np.asarray(value, dtype=self.observation_space[name].dtype) for name, value in fields.items()}
+
+
+def make_gym_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
+    """Any registered gymnasium env (``Id-v0`` or ``module:Id-v0``) with a Box action space, its
+    actions rescaled to [-1, 1] and its observation presented as a Dict of float32 Box fields."""
+    env = gym.make(env_id, max_episode_steps=max_episode_steps)
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise ValueError(f"{env_id}: action space {env.action_space} is not a Box")
+    env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+    return DictBoxObservation(env)

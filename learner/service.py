@@ -72,7 +72,7 @@ class LearnerService:
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._max_bytes = max_message_bytes
-        self._log = transition_log
+        self.transition_log = transition_log
         self._on_transition = on_transition
         self._on_episode = on_episode
         self._on_spaces = on_spaces
@@ -134,8 +134,8 @@ class LearnerService:
             fresh.transitions.append(message)
             decoded.append(transition)
             last = sequence
-        if write_log and self._log is not None and fresh.transitions:
-            self._log.append(fresh)
+        if write_log and self.transition_log is not None and fresh.transitions:
+            self.transition_log.append(fresh)
         for transition in decoded:
             self._on_transition(stats.stream_id, transition)
         stats.accepted += len(decoded)
@@ -177,10 +177,10 @@ class LearnerService:
 
     def replay_log(self) -> int:
         """Feed the transition log (after a checkpoint was loaded) through dedup into the buffers."""
-        if self._log is None:
+        if self.transition_log is None:
             return 0
         before = self.transitions_received
-        for batch in self._log.replay():
+        for batch in self.transition_log.replay():
             self.ingest(batch, write_log=False)
         return self.transitions_received - before
 
@@ -261,5 +261,5 @@ class LearnerService:
         self._socket.close(linger=0)
         if self._authenticator is not None:
             self._authenticator.stop()
-        if self._log is not None:
-            self._log.close()
+        if self.transition_log is not None:
+            self.transition_log.close()

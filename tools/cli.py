@@ -1,6 +1,11 @@
 """The ``steerl`` command line: one entry point, one subcommand per operator task.
 
+    steerl train --config FILE             robot server + learner + actor: a training session
     steerl robot-server --config FILE      run the process that owns the robot
+    steerl learner --config FILE           run the learner (replay, SAC/RLPD, checkpoints)
+    steerl actor --config FILE             run the actor (robot PC) against a running learner
+    steerl eval --checkpoint DIR           success rate of a trained policy
+    steerl record-demos --config FILE -n N record scripted-expert demonstrations
     steerl rollout --config FILE           drive the robot with a scripted or random policy
     steerl keys generate --dir DIR --name NAME   make a CURVE key pair
 
@@ -59,6 +64,72 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                        start_server=not args.no_server, config_source=args.config)
 
 
+def _training_config(args: argparse.Namespace) -> SessionConfig:
+    config = _with_address(load_config(args.config), getattr(args, "address", None))
+    learner_address = getattr(args, "learner_address", None)
+    if learner_address:
+        config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, address=learner_address))
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tools.session import run_training
+
+    config = _training_config(args)
+    run_dir = args.run_dir or f"{config.learner.run_dir}/{config.name}"
+    return run_training(config, run_dir, args.steps, demos=args.demos, resume=args.resume, env_id=args.env_id)
+
+
+def cmd_learner(args: argparse.Namespace) -> int:
+    import signal
+
+    from learner.learner import Learner
+
+    config = _training_config(args)
+    learner = Learner(config, args.run_dir or f"{config.learner.run_dir}/{config.name}", resume=args.resume,
+                      demos=args.demos)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: learner.stop())
+    learner.run(max_updates=args.max_updates)
+    return 0
+
+
+def cmd_actor(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
+    from rich.console import Console
+
+    from tools.session import open_env, run_actor
+
+    config = _training_config(args)
+    with ExitStack() as stack:
+        env = open_env(config, args.env_id, stack, start_server=False)
+        stack.callback(env.close)
+        run_actor(config, env, args.steps, actor_id=args.actor_id or f"actor-{config.name}", console=Console())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tools.session import run_evaluation
+
+    config = _training_config(args)
+    result = run_evaluation(config, args.checkpoint, args.episodes, env_id=args.env_id)
+    print(f"success rate {result['success_rate']:.0%} over {result['episodes']} episodes "
+          f"(mean return {result['mean_return']:.2f})")
+    return 0
+
+
+def cmd_record_demos(args: argparse.Namespace) -> int:
+    from tools.session import record_demos
+
+    config = _training_config(args)
+    out = args.out or f"demos/{config.name}"
+    result = record_demos(config, args.episodes, out, keep_failures=args.keep_failures, noise_std=args.noise)
+    print(f"recorded {result['episodes']} episodes ({result['transitions']} transitions, "
+          f"{result['attempted']} attempted) into {result['path']}")
+    return 0
+
+
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     from transport.zmq_link import generate_keypair
 
@@ -95,6 +166,69 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--inproc", action="store_true", help="run the robot cell inside this process")
     rollout.add_argument("--realtime", action="store_true", help="pace steps at the control rate")
     rollout.set_defaults(handler=cmd_rollout)
+
+    def training_options(sub: argparse.ArgumentParser, default_config: bool = True) -> None:
+        if default_config:
+            sub.add_argument("--config", default=DEFAULT_CONFIG,
+                             help=f"YAML file or bundled config name (default {DEFAULT_CONFIG})")
+        else:
+            sub.add_argument("--config", required=True, help="YAML file or bundled config name")
+        sub.add_argument("--address", help="override server.address and env.address (the robot server)")
+        sub.add_argument("--learner-address", help="override learner.address")
+        sub.add_argument("--env-id", help="train on a registered gymnasium env (Id-v0 or module:Id-v0) in-process "
+                                          "instead of the robot of the config")
+
+    train = commands.add_parser(
+        "train", help="run a training session: robot server + learner + actor, with live progress",
+        description="Start the robot server and the learner as child processes and act in the foreground, "
+                    "showing env steps, learner updates/s, episode return and success rate. Checkpoints, "
+                    "TensorBoard logs and summary.json go to the run directory.")
+    training_options(train)
+    train.add_argument("--steps", type=int, default=30_000, help="env steps to collect")
+    train.add_argument("--run-dir", help="default: learner.run_dir/<config name>")
+    train.add_argument("--demos", help="a demo buffer made by 'steerl record-demos'")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    train.set_defaults(handler=cmd_train)
+
+    learner = commands.add_parser(
+        "learner", help="run the learner: receives transitions, trains, publishes weights, checkpoints",
+        description="Bind learner.address, build the agent when the first actor says hello, train with the "
+                    "configured UTD ratio and write checkpoints; SIGINT/SIGTERM write a final checkpoint.")
+    training_options(learner)
+    learner.add_argument("--run-dir", help="default: learner.run_dir/<config name>")
+    learner.add_argument("--demos", help="a demo buffer made by 'steerl record-demos'")
+    learner.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    learner.add_argument("--max-updates", type=int, help="stop after this many updates")
+    learner.set_defaults(handler=cmd_learner)
+
+    actor = commands.add_parser(
+        "actor", help="run the actor against a running robot server and learner",
+        description="Connect to the robot server (env.address) and the learner (learner.address) and act for "
+                    "--steps env steps, shipping transitions and swapping in new weights between steps.")
+    training_options(actor)
+    actor.add_argument("--steps", type=int, default=30_000)
+    actor.add_argument("--actor-id", help="stable name of this actor (default actor-<config name>)")
+    actor.set_defaults(handler=cmd_actor)
+
+    evaluate = commands.add_parser(
+        "eval", help="success rate of a checkpoint's deterministic policy",
+        description="Load the policy of a checkpoint (or a run directory's latest) and report its success "
+                    "rate over N episodes, starting a robot server for the config unless --env-id is given.")
+    training_options(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    evaluate.add_argument("--episodes", type=int, default=50)
+    evaluate.set_defaults(handler=cmd_eval)
+
+    demos = commands.add_parser(
+        "record-demos", help="record scripted-expert demonstrations into a replay buffer on disk",
+        description="Run the scripted expert of the config's task and save N successful episodes as a replay "
+                    "buffer (learner/replay.py format) for 'steerl train --demos'.")
+    training_options(demos)
+    demos.add_argument("-n", "--episodes", type=int, default=20)
+    demos.add_argument("--out", help="output directory (default demos/<config name>)")
+    demos.add_argument("--keep-failures", action="store_true", help="keep unsuccessful episodes too")
+    demos.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std added to the expert's actions")
+    demos.set_defaults(handler=cmd_record_demos)
 
     keys = commands.add_parser("keys", help="manage CURVE keys",
                                description="Manage the CURVE keys that authenticate robot links.")

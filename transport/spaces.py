@@ -52,6 +52,18 @@ class RobotSpaces:
     observation: dict[str, FieldSpec]
     action: FieldSpec
 
+    @classmethod
+    def from_gym(cls, observation_space: spaces.Dict, action_space: spaces.Box) -> "RobotSpaces":
+        """Specs of a gymnasium Dict-of-Box observation space and Box action space."""
+
+        def spec(box: spaces.Box) -> FieldSpec:
+            low, high = box.low.astype(np.float64).ravel(), box.high.astype(np.float64).ravel()
+            uniform = low.min() == low.max() and high.min() == high.max()
+            return FieldSpec(box.dtype.name, tuple(box.shape), float(low[0]) if uniform else tuple(map(float, low)),
+                             float(high[0]) if uniform else tuple(map(float, high)))
+
+        return cls(observation={k: spec(v) for k, v in observation_space.spaces.items()}, action=spec(action_space))
+
     def select(self, keys: tuple[str, ...] | list[str]) -> "RobotSpaces":
         """The same spaces with only the observation fields in ``keys`` (all when empty)."""
         if not keys:

@@ -1,0 +1,334 @@
+"""The learner process: replay buffers, SAC/RLPD updates, weight publishing and checkpoints.
+
+Loop (single-threaded, so the order of events is reproducible):
+
+1. serve the actors (:class:`~learner.service.LearnerService`): transitions in — logged durably,
+   then added to the online buffer — and weights out;
+2. once the online buffer holds ``learning_starts`` transitions, run one ``agent.update`` per
+   environment step received (each update does ``utd_ratio`` critic steps), on batches that mix
+   the demo buffer and the online buffer ``demo_ratio : 1 - demo_ratio`` (RLPD);
+3. every ``publish_every_updates`` updates publish the policy's weights; every
+   ``checkpoint_every_updates`` write a checkpoint.
+
+Run directory layout::
+
+    RUN_DIR/
+      transition_log/           write-ahead log of received transitions (learner/transition_log.py)
+      checkpoints/latest        name of the newest complete checkpoint
+      checkpoints/ckpt-<updates>/
+        agent.safetensors       networks, target networks, optimiser states, temperature
+        agent.json              the agent's counters and optimiser hyper-parameters
+        policy.safetensors      the actor-side policy alone (what `steerl eval` and deployment load)
+        learner.json            spaces, observation keys, counters, each actor's acknowledged point
+        online/                 the online replay buffer (learner/replay.py format)
+        demos/                  the demo buffer, when there is one
+      tensorboard/              scalars for TensorBoard
+
+A checkpoint is written to ``ckpt-<n>.tmp`` and renamed into place, then ``latest`` is replaced
+atomically: a crash leaves the previous checkpoint intact. On ``resume`` the newest readable
+checkpoint is loaded (a corrupt one is reported with its path and skipped) and the transition log
+written since is replayed, so the learner holds every transition it ever acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from hardware_configs.loader import to_dict
+from hardware_configs.schema import SessionConfig
+from learner.replay import Batch, ReplayBuffer, ReplayFormatError, concatenate
+from learner.sac import SACAgent
+from learner.service import LearnerService
+from learner.transition_log import TransitionLog
+from transport import steerl_pb2 as pb
+from transport.spaces import RobotSpaces
+
+log = logging.getLogger("steerl.learner")
+
+KEEP_CHECKPOINTS = 2
+LOG_EVERY_S = 10.0
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be read; the message names the path."""
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def save_agent(agent: SACAgent, directory: Path) -> None:
+    safetensors.torch.save_file(agent.checkpoint_tensors(), str(directory / "agent.safetensors"))
+    (directory / "agent.json").write_text(json.dumps(agent.checkpoint_meta(), indent=1))
+
+
+def load_agent(agent: SACAgent, directory: Path) -> None:
+    try:
+        tensors = safetensors.torch.load_file(str(directory / "agent.safetensors"), device=str(agent.device))
+        meta = json.loads((directory / "agent.json").read_text())
+        agent.load_checkpoint(tensors, meta)
+    except (OSError, ValueError, KeyError, RuntimeError, safetensors.SafetensorError) as error:
+        raise CheckpointError(f"{directory}: cannot load the agent: {error}") from None
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a checkpoint, else the newest checkpoint of the run dir ``path``."""
+    path = Path(path)
+    if (path / "learner.json").exists():
+        return path
+    latest = path / "checkpoints" / "latest"
+    if latest.exists():
+        return path / "checkpoints" / latest.read_text().strip()
+    raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with checkpoints/latest")
+
+
+def load_policy_from_checkpoint(config: SessionConfig, path: str | Path):
+    """The deterministic-capable actor policy of a checkpoint, and the observation keys it reads."""
+    from policies.gaussian import TanhGaussianPolicy, load_policy_bytes
+
+    directory = latest_checkpoint(path)
+    try:
+        meta = json.loads((directory / "learner.json").read_text())
+        spaces = RobotSpaces.from_json(meta["spaces"])
+        policy = TanhGaussianPolicy(config.learner.sac, spaces.observation_space(), spaces.action_space(),
+                                    seed=config.seed)
+        load_policy_bytes(policy, (directory / "policy.safetensors").read_bytes())
+    except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{directory}: cannot load the policy: {error}") from None
+    policy.eval()
+    return policy, tuple(spaces.observation)
+
+
+class Learner:
+    """Replay + SAC/RLPD + service + checkpoints (see module docstring)."""
+
+    def __init__(self, config: SessionConfig, run_dir: str | Path, resume: bool = False,
+                 demos: str | Path | None = None, spaces: RobotSpaces | None = None) -> None:
+        self.config = config
+        self.settings = config.learner
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(self.settings.device)
+        self.keys = tuple(self.settings.observation_keys)
+        self.agent: SACAgent | None = None
+        self.online: ReplayBuffer | None = None
+        self.demos: ReplayBuffer | None = None
+        self._demo_path = Path(demos) if demos else None
+        self.updates = 0
+        self.episodes_logged = 0
+        self._writer = None
+        self._stop = threading.Event()
+        self._last_metrics: dict[str, float] = {}
+        self.service = LearnerService(
+            self.settings.address, TransitionLog(self.run_dir / "transition_log"),
+            on_transition=self._add, on_episode=self._episode, on_spaces=self._build)
+        if resume:
+            self._restore()
+        elif spaces is not None:
+            self.service.set_spaces(spaces)
+            self._build(spaces)
+        replayed = self.service.replay_log()
+        if replayed:
+            log.info("replayed %d transitions from the transition log", replayed)
+
+    # -- construction -------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return self.service.address
+
+    def _build(self, spaces: RobotSpaces) -> None:
+        """Create the agent and buffers once the robot's spaces are known."""
+        selected = spaces.select(self.keys)
+        self.spaces = selected
+        observation_space, action_space = selected.observation_space(), selected.action_space()
+        self.agent = SACAgent(self.settings.sac, observation_space, action_space, device=self.device,
+                              seed=self.config.seed)
+        self.online = ReplayBuffer(observation_space, action_space.shape[0], self.settings.replay_capacity,
+                                   seed=self.config.seed)
+        if self._demo_path is not None and self.demos is None:
+            self.demos = ReplayBuffer.load(self._demo_path, observation_space)
+            log.info("loaded %d demo transitions from %s", len(self.demos), self._demo_path)
+        self.service.publish(self.agent.publish_policy(), self.updates)
+        log.info("learner ready: %s, observation %s, action %s, device %s", self.settings.algorithm,
+                 {k: tuple(v.shape) for k, v in selected.observation.items()}, tuple(selected.action.shape), self.device)
+
+    def _add(self, stream_id: int, transition: dict) -> None:
+        assert self.online is not None
+        observation = {key: transition["observation"][key] for key in self.spaces.observation}
+        next_observation = {key: transition["next_observation"][key] for key in self.spaces.observation}
+        self.online.add(observation, transition["action"], transition["reward"], next_observation,
+                        transition["terminated"], transition["truncated"], stream_id=stream_id,
+                        intervened=transition["intervened"])
+
+    def _episode(self, actor_id: str, summary: pb.EpisodeSummary) -> None:
+        writer = self.writer
+        tag = "eval" if summary.evaluation else "train"
+        step = self.service.transitions_received
+        writer.add_scalar(f"{tag}/episode_return", summary.episode_return, step)
+        writer.add_scalar(f"{tag}/success", float(summary.success), step)
+        writer.add_scalar(f"{tag}/episode_length", summary.length, step)
+        self.episodes_logged += 1
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._writer
+
+    # -- training -----------------------------------------------------------------------------
+    def _sample(self) -> Batch:
+        assert self.online is not None
+        sac = self.settings.sac
+        use_demos = self.demos is not None and len(self.demos) > 0
+        demo_rows = int(round(sac.batch_size * self.settings.demo_ratio)) if use_demos else 0
+        parts = []
+        for _ in range(sac.utd_ratio):
+            if demo_rows:
+                parts.append(self.demos.sample(demo_rows))
+            parts.append(self.online.sample(sac.batch_size - demo_rows))
+        return concatenate(parts)
+
+    def ready_to_update(self) -> bool:
+        return (self.agent is not None and self.online is not None
+                and len(self.online) >= self.settings.learning_starts
+                and self.updates < self.service.transitions_received)
+
+    def train_step(self) -> dict[str, float]:
+        assert self.agent is not None
+        metrics = self.agent.update(self._sample())
+        self.updates += 1
+        if self.updates % self.settings.publish_every_updates == 0:
+            self.service.publish(self.agent.publish_policy(), self.updates)
+        if self.updates % self.settings.checkpoint_every_updates == 0:
+            self.checkpoint()
+        return metrics
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, max_updates: int | None = None) -> None:
+        """Serve and train until :meth:`stop` (or ``max_updates``); then checkpoint and close."""
+        last_log, window_start, window_updates = time.monotonic(), time.monotonic(), 0
+        try:
+            while not self._stop.is_set() and (max_updates is None or self.updates < max_updates):
+                self.service.poll(timeout_ms=0 if self.ready_to_update() else 5)
+                if self.ready_to_update():
+                    self._last_metrics = self.train_step()
+                    window_updates += 1
+                now = time.monotonic()
+                if now - last_log >= LOG_EVERY_S:
+                    rate = window_updates / (now - window_start)
+                    self._log_metrics(rate)
+                    last_log, window_start, window_updates = now, now, 0
+        finally:
+            if self.agent is not None:
+                self.checkpoint()
+            self.close()
+
+    def _log_metrics(self, updates_per_s: float) -> None:
+        step = self.service.transitions_received
+        for name, value in self._last_metrics.items():
+            self.writer.add_scalar(f"learner/{name}", value, self.updates)
+        self.writer.add_scalar("learner/updates_per_s", updates_per_s, self.updates)
+        self.writer.add_scalar("learner/online_transitions", len(self.online or ()), step)
+        self.writer.flush()
+        log.info("updates %d (%.1f/s), transitions %d, %s", self.updates, updates_per_s, step,
+                 ", ".join(f"{k} {v:.3g}" for k, v in sorted(self._last_metrics.items())[:6]))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def checkpoint(self) -> Path:
+        """Write a complete checkpoint atomically and trim the transition log behind it."""
+        assert self.agent is not None and self.online is not None
+        segment = self.service.transition_log.rotate() if self.service.transition_log is not None else 0
+        name = f"ckpt-{self.updates:09d}"
+        final = self.checkpoint_dir / name
+        staging = self.checkpoint_dir / f"{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_agent(self.agent, staging)
+        (staging / "policy.safetensors").write_bytes(self.agent.publish_policy())
+        self.online.save(staging / "online")
+        if self.demos is not None:
+            self.demos.save(staging / "demos")
+        meta = {
+            "format": 1,
+            "updates": self.updates,
+            "transitions_received": self.service.transitions_received,
+            "weights_version": self.service.weights_version,
+            "streams": self.service.stream_table(),
+            "spaces": self.spaces.to_json(),
+            "observation_keys": list(self.keys),
+            "log_segment": segment,
+            "config": to_dict(self.config),
+        }
+        (staging / "learner.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        latest_tmp = self.checkpoint_dir / "latest.tmp"
+        latest_tmp.write_text(name)
+        os.replace(latest_tmp, self.checkpoint_dir / "latest")
+        if self.service.transition_log is not None:
+            self.service.transition_log.drop_before(segment)
+        for old in sorted(self.checkpoint_dir.glob("ckpt-*[0-9]"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s (%d updates, %d transitions)", final, self.updates, len(self.online))
+        return final
+
+    def _restore(self) -> None:
+        candidates = sorted(self.checkpoint_dir.glob("ckpt-*[0-9]"), reverse=True)
+        if not candidates:
+            log.warning("no checkpoint in %s: starting fresh (the transition log is still replayed)",
+                        self.checkpoint_dir)
+            return
+        for directory in candidates:
+            try:
+                self._load_checkpoint(directory)
+                log.info("resumed from %s (%d updates)", directory, self.updates)
+                return
+            except (CheckpointError, ReplayFormatError, OSError, ValueError, KeyError) as error:
+                log.error("checkpoint %s is unreadable (%s); trying the previous one", directory, error)
+        raise CheckpointError(f"no readable checkpoint in {self.checkpoint_dir}")
+
+    def _load_checkpoint(self, directory: Path) -> None:
+        meta_path = directory / "learner.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{meta_path}: {error}") from None
+        spaces = RobotSpaces.from_json(meta["spaces"])
+        self.keys = tuple(meta["observation_keys"])
+        self.updates = int(meta["updates"])
+        self.service.set_spaces(spaces)
+        self._build(spaces)
+        assert self.agent is not None
+        load_agent(self.agent, directory)
+        self.online = ReplayBuffer.load(directory / "online", self.spaces.observation_space())
+        if (directory / "demos").exists():
+            self.demos = ReplayBuffer.load(directory / "demos", self.spaces.observation_space())
+        self.service.restore_stream_table(meta["streams"])
+        self.service.transitions_received = int(meta["transitions_received"])
+        self.service.weights_version = int(meta["weights_version"])
+        self.service.publish(self.agent.publish_policy(), self.updates)
+
+    def close(self) -> None:
+        self.service.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,211 @@
+"""Training sessions: the robot server, the learner and the actor as separate processes.
+
+``steerl train`` runs all three on one machine with the same sockets as on real hardware: the
+robot server and the learner as child processes, the actor in the foreground with a live progress
+line. ``steerl learner`` and ``steerl actor`` run the two halves on separate machines.
+``--env-id`` swaps the robot for any registered gymnasium environment (in-process), so the
+learner can be checked on environments we did not write.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import gymnasium as gym
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from actor.acting import ActingLoop, ActingStats
+from actor.env import RobotEnv, make_gym_env
+from actor.learner_link import LearnerLink
+from actor.rollout import connect_env, robot_server_process
+from hardware_configs.schema import SessionConfig, save_config
+from transport.spaces import RobotSpaces
+
+log = logging.getLogger("steerl")
+
+LEARNER_START_TIMEOUT_S = 120.0
+
+
+@contextmanager
+def learner_process(config: SessionConfig, run_dir: Path, demos: str | None, resume: bool) -> Iterator[subprocess.Popen]:
+    """A ``steerl learner`` child; SIGTERM on exit makes it write a final checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="steerl-learner-") as tmp:
+        config_file = save_config(config, Path(tmp) / f"{config.name}.yaml")
+        command = [sys.executable, "-m", "tools.cli", "learner", "--config", str(config_file),
+                   "--run-dir", str(run_dir)]
+        if demos:
+            command += ["--demos", str(demos)]
+        if resume:
+            command.append("--resume")
+        child = subprocess.Popen(command)
+        try:
+            yield child
+        finally:
+            child.terminate()
+            try:
+                child.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def actor_policy_loader(config: SessionConfig, spaces: RobotSpaces):
+    """``bytes -> policy``: builds the actor-side policy and loads published weights into it."""
+    from policies.gaussian import TanhGaussianPolicy, load_policy_bytes
+
+    template = TanhGaussianPolicy(config.learner.sac, spaces.observation_space(), spaces.action_space(),
+                                  seed=config.seed)
+    template.eval()
+
+    def load(blob: bytes):
+        policy = copy.deepcopy(template)
+        load_policy_bytes(policy, blob)
+        return policy
+
+    return load
+
+
+def open_env(config: SessionConfig, env_id: str | None, stack: ExitStack, start_server: bool = True) -> RobotEnv | gym.Env:
+    if env_id:
+        return make_gym_env(env_id, config.robot.task.max_episode_steps)
+    server = None
+    if start_server and config.env.connection == "zmq":
+        server = stack.enter_context(robot_server_process(config))
+    return connect_env(config, server)
+
+
+def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, console: Console,
+              learner: subprocess.Popen | None = None) -> ActingStats:
+    """Connect to the learner and act for ``total_steps`` env steps with a live progress line."""
+    spaces = RobotSpaces.from_gym(env.observation_space, env.action_space).select(config.learner.observation_keys)
+    link = LearnerLink(config.learner.address, actor_id, spaces, load_policy=actor_policy_loader(config, spaces),
+                       timeout_ms=config.actor.timeout_ms)
+    deadline = time.monotonic() + LEARNER_START_TIMEOUT_S
+    hello = None
+    while hello is None:
+        hello = link.wait_for_hello(1.0)
+        if learner is not None and learner.poll() is not None:
+            raise RuntimeError(f"the learner exited with code {learner.returncode}")
+        if hello is None and time.monotonic() > deadline:
+            raise RuntimeError(f"no learner answered at {config.learner.address}")
+    first_episode = hello.acked_episode + 1 if hello.has_acked else 0
+    loop = ActingLoop(config, env, link, tuple(spaces.observation), first_episode=first_episode)
+    columns = [TextColumn("[bold blue]env steps"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[line]}"), TimeElapsedColumn()]
+    rate = {"updates": 0, "time": time.monotonic(), "per_s": 0.0}
+    try:
+        with Progress(*columns, console=console, refresh_per_second=4) as progress:
+            task = progress.add_task("train", total=total_steps, line="")
+
+            def show(stats: ActingStats) -> None:
+                now = time.monotonic()
+                if now - rate["time"] > 2.0:
+                    rate["per_s"] = (link.learner_updates - rate["updates"]) / (now - rate["time"])
+                    rate["updates"], rate["time"] = link.learner_updates, now
+                evaluation = "-" if stats.eval_success_rate is None else f"{stats.eval_success_rate:.0%}"
+                line = (f"ep {stats.episodes}  return {stats.mean_return:6.2f}  success {stats.success_rate:4.0%}  "
+                        f"eval {evaluation}  updates {link.learner_updates} ({rate['per_s']:.0f}/s)  "
+                        f"{stats.steps_per_s:.0f} steps/s  policy v{stats.policy_version}"
+                        f"{'' if link.connected else '  [learner away]'}")
+                progress.update(task, completed=min(stats.env_steps, total_steps), line=line)
+
+            loop.run(total_steps, on_progress=show)
+            if config.actor.eval_episodes:
+                loop.evaluate(config.actor.eval_episodes)
+                show(loop.stats)
+    finally:
+        link.close(flush_timeout_s=30)
+    return loop.stats
+
+
+def run_training(config: SessionConfig, run_dir: str | Path, total_steps: int, demos: str | None = None,
+                 resume: bool = False, env_id: str | None = None) -> int:
+    """``steerl train``: robot server + learner + actor on this machine."""
+    console = Console()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = env_id or f"{config.robot.backend} {config.robot.task.name}"
+    console.print(f"[bold]steerl train[/] {config.name}: {source}, {total_steps} env steps, run dir {run_dir}"
+                  f"{', demos ' + str(demos) if demos else ''}")
+    with ExitStack() as stack:
+        learner = stack.enter_context(learner_process(config, run_dir, demos, resume))
+        env = open_env(config, env_id, stack)
+        stack.callback(env.close)
+        started = time.monotonic()
+        stats = run_actor(config, env, total_steps, actor_id=f"actor-{config.name}", console=console, learner=learner)
+    summary = {
+        "config": config.name,
+        "env_steps": stats.env_steps,
+        "episodes": stats.episodes,
+        "final_eval_success_rate": stats.eval_success_rate,
+        "eval_history": stats.eval_history,
+        "wall_time_s": time.monotonic() - started,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    final = "-" if stats.eval_success_rate is None else f"{stats.eval_success_rate:.0%}"
+    console.print(f"[bold]done[/]: {stats.env_steps} env steps, final evaluation success {final}; "
+                  f"TensorBoard logs in {run_dir / 'tensorboard'}")
+    return 0
+
+
+def run_evaluation(config: SessionConfig, checkpoint: str | Path, episodes: int, env_id: str | None = None) -> dict:
+    """``steerl eval``: success rate of a checkpoint's deterministic policy over ``episodes``."""
+    from learner.learner import load_policy_from_checkpoint
+
+    with ExitStack() as stack:
+        env = open_env(config, env_id, stack)
+        stack.callback(env.close)
+        policy, keys = load_policy_from_checkpoint(config, checkpoint)
+        loop = ActingLoop(config, env, None, keys)
+        loop.policy = policy
+        returns, successes = [], []
+        for _ in range(episodes):
+            episode_return, _, success = loop.run_episode(deterministic=True)
+            returns.append(episode_return)
+            successes.append(success)
+    return {"episodes": episodes, "success_rate": float(np.mean(successes)), "mean_return": float(np.mean(returns))}
+
+
+def record_demos(config: SessionConfig, episodes: int, out: str | Path, keep_failures: bool = False,
+                 noise_std: float = 0.0) -> dict:
+    """``steerl record-demos``: scripted-expert episodes saved as a replay buffer on disk."""
+    from learner.replay import ReplayBuffer
+    from policies.scripted import ScriptedExpert
+
+    expert = ScriptedExpert(config.robot, noise_std=noise_std, seed=config.seed)
+    kept = attempted = 0
+    with ExitStack() as stack:
+        env = open_env(config, None, stack)
+        stack.callback(env.close)
+        buffer = ReplayBuffer(env.observation_space, env.action_space.shape[0],
+                              capacity=max(1000, episodes * config.robot.task.max_episode_steps), seed=config.seed)
+        while kept < episodes and attempted < episodes * 5:
+            observation, _ = env.reset(seed=config.seed + attempted)
+            attempted += 1
+            steps = []
+            while True:
+                action = expert.act(observation)
+                next_observation, reward, terminated, truncated, info = env.step(action)
+                steps.append((observation, action, reward, next_observation, terminated, truncated))
+                observation = next_observation
+                if terminated or truncated:
+                    break
+            if info.get("success", 0.0) or keep_failures:
+                for step in steps:
+                    buffer.add(*step)
+                kept += 1
+    buffer.save(out)
+    return {"episodes": kept, "attempted": attempted, "transitions": len(buffer), "path": str(out)}

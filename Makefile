@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= sim_panda_pick_cube
-EPISODES ?= 20
+STEPS ?= 20000
+DEMOS ?= demos/$(CONFIG)
+RUN_DIR ?= runs/$(CONFIG)
 # The CPU wheel of torch lies on the development machines' disk; elsewhere pip fetches this version.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -20,8 +22,10 @@ $(VENV)/.installed: setup.py | $(PY)
 
 install: $(VENV)/.installed
 
+# A training session on the PyBullet cell: 20 scripted demos (recorded once), then SAC/RLPD.
 sim: install
-	$(PY) -m tools.cli rollout --config $(CONFIG) --episodes $(EPISODES)
+	@test -d $(DEMOS) || $(PY) -m tools.cli record-demos --config $(CONFIG) -n 20 --out $(DEMOS)
+	$(PY) -m tools.cli train --config $(CONFIG) --steps $(STEPS) --demos $(DEMOS) --run-dir $(RUN_DIR)
 
 test: install
 	$(PY) -m pytest -q
@@ -31,6 +35,8 @@ proto: install
 
 bench: install
 	$(PY) benchmarks/robot_link.py --json benchmarks/robot_link.json
+	$(PY) benchmarks/replay.py --json benchmarks/replay.json
+	$(PY) benchmarks/learner_throughput.py --json benchmarks/learner_throughput.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

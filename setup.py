@@ -34,6 +34,7 @@ setup(
         "pyrealsense2>=2.55",
         "safetensors>=0.4",
         "rich>=13",
+        "tensorboard>=2.14",
     ],
     extras_require={
         "dev": [

@@ -113,11 +113,25 @@ class ActingLoop:
         self.stats.eval_history.append((self.stats.env_steps, rate))
         return rate
 
+    def _wait_for_learner(self, on_progress: Callable[[ActingStats], None] | None) -> None:
+        """Between episodes: hold back until the learner's updates keep up (sim pacing)."""
+        ratio = self.config.actor.max_steps_per_update
+        if not ratio or self.link is None:
+            return
+        while self.link.connected:  # a learner that is away is not waited for
+            steps_to_cover = self.stats.env_steps - self.config.learner.learning_starts
+            if self.link.learner_updates * ratio >= steps_to_cover:
+                return
+            if on_progress is not None:
+                on_progress(self.stats)
+            time.sleep(0.02)
+
     def run(self, total_steps: int, on_progress: Callable[[ActingStats], None] | None = None) -> ActingStats:
         """Act until ``total_steps`` training env steps are done."""
         start, start_steps = time.perf_counter(), self.stats.env_steps
         every = self.config.actor.eval_every_episodes
         while self.stats.env_steps < total_steps:
+            self._wait_for_learner(on_progress)
             episode_return, _, success = self.run_episode()
             self.stats.episodes += 1
             self.stats.recent_returns.append(episode_return)

@@ -13,7 +13,7 @@ on the network. A background thread does the rest:
 - when the learner is away, keeps retrying (reconnecting with the same identity) while the actor
   goes on acting with its last weights.
 
-The queue is bounded by ``max_queue_bytes``: if the learner stays away so long that it fills, the
+The queue is bounded by ``max_queue_mb``: if the learner stays away so long that it fills, the
 oldest unsent transitions are dropped, counted in ``dropped`` and logged as errors.
 """
 
@@ -37,6 +37,10 @@ log = logging.getLogger("steerl.actor")
 
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 MAX_BATCH_TRANSITIONS = 256
+# At most this many batches a second: fewer, larger batches keep the learner's per-batch cost low.
+MIN_BATCH_INTERVAL_S = 0.05
+# With nothing to send, ask the learner for news (update count, weights) this often.
+IDLE_POLL_S = 0.25
 
 
 class LearnerLink:
@@ -44,12 +48,12 @@ class LearnerLink:
 
     def __init__(self, address: str, actor_id: str, spaces: RobotSpaces,
                  load_policy: Callable[[bytes], Any] | None = None, timeout_ms: int = 2000,
-                 max_queue_bytes: int = 2 * 1024**3, curve=None) -> None:
+                 max_queue_mb: int = 2048, curve=None) -> None:
         self.actor_id = actor_id
         self._spaces = spaces
         self._load_policy = load_policy
         self._timeout_ms = timeout_ms
-        self._max_queue_bytes = max_queue_bytes
+        self._max_queue_bytes = max_queue_mb * 1024 * 1024
         self._client = RpcClient(address, curve=curve, identity=actor_id.encode()[:255])
         self._lock = threading.Condition()
         # (episode, step, serialised Transition), oldest first; unacknowledged ones stay here.
@@ -185,12 +189,19 @@ class LearnerLink:
             return request
 
     def _run(self) -> None:
+        last_contact = time.monotonic()
         while not self._stop.is_set():
             try:
                 if not self.connected:
                     self._say_hello()
+                    last_contact = time.monotonic()
                 request = self._next_batch()
+                if request is None and time.monotonic() - last_contact > IDLE_POLL_S:
+                    self._fetch_weights()
+                    last_contact = time.monotonic()
                 if request is not None:
+                    last_contact = time.monotonic()
+                    sent_at = time.monotonic()
                     sent_episodes = len(request.transitions.episodes)
                     ack = self._call(request).transition_ack
                     with self._lock:
@@ -201,7 +212,9 @@ class LearnerLink:
                     self.rejected += len(ack.rejected)
                     self._announced_version = ack.weights_version
                     self.learner_updates = ack.learner_updates
-                if self._announced_version > self._policy_version and self._load_policy is not None:
+                    if len(request.transitions.transitions) < MAX_BATCH_TRANSITIONS:
+                        self._stop.wait(max(0.0, MIN_BATCH_INTERVAL_S - (time.monotonic() - sent_at)))
+                if self._announced_version > self._policy_version:
                     self._fetch_weights()
             except LinkTimeout:
                 if self.connected:
@@ -216,10 +229,13 @@ class LearnerLink:
                 self._stop.wait(1.0)
 
     def _fetch_weights(self) -> None:
+        """Ask for weights newer than ours (the reply also carries the learner's update count)."""
         request = pb.Envelope()
-        request.weights_request.have_version = self._policy_version
+        request.weights_request.have_version = self._policy_version if self._load_policy else 2**63
         weights = self._call(request).weights
-        if weights.version <= self._policy_version or not weights.safetensors:
+        self.learner_updates = weights.learner_updates
+        self._announced_version = weights.version
+        if weights.version <= self._policy_version or not weights.safetensors or self._load_policy is None:
             return
         policy = self._load_policy(weights.safetensors)
         with self._lock:

@@ -315,6 +315,8 @@ class LearnerConfig:
     checkpoint_every_updates: int = 5000
     run_dir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads for the updates; 0: all cores but one (the actor and the simulator need one).
+    num_threads: int = 0
 
     def validate(self) -> None:
         if not 0.0 <= self.demo_ratio < 1.0:
@@ -332,9 +334,17 @@ class ActorConfig:
     # Evaluate the deterministic policy for eval_episodes every eval_every_episodes (0: never).
     eval_every_episodes: int = 20
     eval_episodes: int = 10
-    # Transitions waiting to be sent; when full the oldest unsent are kept and acting continues.
-    send_queue_size: int = 100_000
+    # Simulation only: before each episode, wait until the learner has made at least one update
+    # per this many env steps (after learning_starts), so a fast simulator cannot outrun the
+    # learner's update-to-data ratio. 0 disables it (real robots never wait).
+    max_steps_per_update: float = 0.0
+    # Bound of the queue of unacknowledged transitions (MiB) while the learner is away.
+    send_queue_mb: int = 2048
     timeout_ms: int = 2000
+
+    def validate(self) -> None:
+        if self.max_steps_per_update < 0:
+            raise ValueError("max_steps_per_update must be non-negative")
 
 
 @dataclass(frozen=True)

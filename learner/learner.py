@@ -121,6 +121,7 @@ class Learner:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(self.settings.device)
+        torch.set_num_threads(self.settings.num_threads or max(1, (os.cpu_count() or 2) - 1))
         self.keys = tuple(self.settings.observation_keys)
         self.agent: SACAgent | None = None
         self.online: ReplayBuffer | None = None
@@ -130,6 +131,7 @@ class Learner:
         self.episodes_logged = 0
         self._writer = None
         self._stop = threading.Event()
+        self._checkpoint_requested = threading.Event()
         self._last_metrics: dict[str, float] = {}
         self.service = LearnerService(
             self.settings.address, TransitionLog(self.run_dir / "transition_log"),
@@ -211,6 +213,7 @@ class Learner:
         assert self.agent is not None
         metrics = self.agent.update(self._sample())
         self.updates += 1
+        self.service.learner_updates = self.updates
         if self.updates % self.settings.publish_every_updates == 0:
             self.service.publish(self.agent.publish_policy(), self.updates)
         if self.updates % self.settings.checkpoint_every_updates == 0:
@@ -219,6 +222,10 @@ class Learner:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def request_checkpoint(self) -> None:
+        """Ask the training loop (from any thread) to write a checkpoint at its next iteration."""
+        self._checkpoint_requested.set()
 
     def run(self, max_updates: int | None = None) -> None:
         """Serve and train until :meth:`stop` (or ``max_updates``); then checkpoint and close."""
@@ -229,6 +236,9 @@ class Learner:
                 if self.ready_to_update():
                     self._last_metrics = self.train_step()
                     window_updates += 1
+                if self._checkpoint_requested.is_set() and self.agent is not None:
+                    self.checkpoint()
+                    self._checkpoint_requested.clear()
                 now = time.monotonic()
                 if now - last_log >= LOG_EVERY_S:
                     rate = window_updates / (now - window_start)

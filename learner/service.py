@@ -135,7 +135,8 @@ class LearnerService:
             decoded.append(transition)
             last = sequence
         if write_log and self.transition_log is not None and fresh.transitions:
-            self.transition_log.append(fresh)
+            # Synced once per poll, before any ack of this poll leaves (group commit).
+            self.transition_log.append(fresh, sync=False)
         for transition in decoded:
             self._on_transition(stats.stream_id, transition)
         stats.accepted += len(decoded)
@@ -185,9 +186,10 @@ class LearnerService:
         return self.transitions_received - before
 
     # -- socket -------------------------------------------------------------------------------
-    def poll(self, timeout_ms: int = 0, max_messages: int = 64) -> int:
+    def poll(self, timeout_ms: int = 0, max_messages: int = 16) -> int:
         """Serve what has arrived (waiting up to ``timeout_ms`` for the first); returns the count."""
         served = 0
+        replies: list[tuple[bytes, pb.Envelope]] = []
         while served < max_messages and self._socket.poll(timeout_ms if served == 0 else 0, zmq.POLLIN):
             frames = self._socket.recv_multipart(copy=False)
             identity = frames[0].bytes
@@ -205,11 +207,15 @@ class LearnerService:
                 log.exception("internal error serving an actor")
                 reply = error_envelope(request_id, ProtocolError(pb.ERROR_INTERNAL, f"{type(error).__name__}: {error}"))
             reply.protocol_version = PROTOCOL_VERSION
+            replies.append((identity, reply))
+            served += 1
+        if replies and self.transition_log is not None:
+            self.transition_log.sync()
+        for identity, reply in replies:
             try:
                 self._socket.send_multipart([identity, reply.SerializeToString()], flags=zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("reply to actor dropped: not reading")
-            served += 1
         return served
 
     def _dispatch(self, envelope: pb.Envelope) -> pb.Envelope:

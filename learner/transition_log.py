@@ -56,10 +56,15 @@ class TransitionLog:
     def current_segment(self) -> int:
         return self._index
 
-    def append(self, batch: pb.TransitionBatch) -> None:
-        """Write one batch durably (returns after fsync)."""
+    def append(self, batch: pb.TransitionBatch, sync: bool = True) -> None:
+        """Write one batch; durable once this returns with ``sync`` (or after :meth:`sync`)."""
         payload = batch.SerializeToString()
         self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """Flush and fsync what was appended (one fsync for a group of appends)."""
         self._file.flush()
         os.fsync(self._file.fileno())
 

@@ -90,9 +90,12 @@ def open_env(config: SessionConfig, env_id: str | None, stack: ExitStack, start_
 def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, console: Console,
               learner: subprocess.Popen | None = None) -> ActingStats:
     """Connect to the learner and act for ``total_steps`` env steps with a live progress line."""
+    import torch
+
+    torch.set_num_threads(1)  # one small policy per step: leave the cores to the sim and the learner
     spaces = RobotSpaces.from_gym(env.observation_space, env.action_space).select(config.learner.observation_keys)
     link = LearnerLink(config.learner.address, actor_id, spaces, load_policy=actor_policy_loader(config, spaces),
-                       timeout_ms=config.actor.timeout_ms)
+                       timeout_ms=config.actor.timeout_ms, max_queue_mb=config.actor.send_queue_mb)
     deadline = time.monotonic() + LEARNER_START_TIMEOUT_S
     hello = None
     while hello is None:
@@ -111,6 +114,9 @@ def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, conso
             task = progress.add_task("train", total=total_steps, line="")
 
             def show(stats: ActingStats) -> None:
+                if learner is not None and learner.poll() is not None:
+                    raise RuntimeError(f"the learner process exited with code {learner.returncode}; "
+                                       "its log says why (resume with --resume)")
                 now = time.monotonic()
                 if now - rate["time"] > 2.0:
                     rate["per_s"] = (link.learner_updates - rate["updates"]) / (now - rate["time"])

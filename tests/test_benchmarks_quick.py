@@ -1,0 +1,56 @@
+"""The robot link benchmark runs end to end in quick mode and writes a complete JSON report.
+
+Timings are not asserted (they depend on the machine); only that every number is there, finite
+and positive, and that the targets are reported as booleans.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "robot_link.py"
+
+LATENCY_SECTIONS = ("zmq_state", "zmq_images", "zmq_floor_state", "zmq_floor_images", "http_json",
+                    "http_json_new_connection")
+LATENCY_KEYS = ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "steps")
+REALTIME_KEYS = ("period_mean_ms", "period_p50_ms", "jitter_p50_ms", "jitter_p99_ms", "jitter_max_ms", "steps")
+TARGETS = ("zmq_state_p99_le_0.5ms", "zmq_images_p99_le_1.5ms", "http_over_zmq_p50_ge_10",
+           "realtime_jitter_p99_le_1ms")
+MACHINE_KEYS = ("cpu_model", "cpu_count", "python", "numpy", "pyzmq", "protobuf", "date")
+
+
+def _positive_finite(value: object, where: str) -> None:
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: {value!r} is not a number"
+    assert math.isfinite(value) and value > 0, f"{where}: {value!r} is not a positive finite number"
+
+
+def test_robot_link_quick(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    results = json.loads(out.read_text())
+
+    assert results["quick"] is True
+    for key in MACHINE_KEYS:
+        assert results["machine"][key], f"machine.{key} missing"
+    for section in LATENCY_SECTIONS:
+        for key in LATENCY_KEYS:
+            _positive_finite(results[section][key], f"{section}.{key}")
+        assert results[section]["p50_ms"] <= results[section]["p99_ms"] <= results[section]["max_ms"]
+    for key in REALTIME_KEYS:
+        _positive_finite(results["realtime"][key], f"realtime.{key}")
+    _positive_finite(results["http_over_zmq_p50_ratio"], "http_over_zmq_p50_ratio")
+    for variant in ("state", "images"):
+        pieces = results["breakdown"][variant]
+        for key in ("client_env_step_total_us", "server_cell_step_total", "server_safety_target",
+                    "server_observation_assembly", "server_encode_observation", "client_decode_observation"):
+            _positive_finite(pieces[key], f"breakdown.{variant}.{key}")
+    assert set(results["targets"]) == set(TARGETS)
+    assert all(isinstance(flag, bool) for flag in results["targets"].values())
+    assert "PASS" in completed.stdout or "FAIL" in completed.stdout

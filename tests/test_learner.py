@@ -1,0 +1,151 @@
+"""The learner process end to end over real sockets: learning, checkpoints, resume, bad files."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import tests.point_env  # noqa: F401  (registers PointReach-v0)
+from actor.acting import ActingLoop
+from actor.env import make_gym_env
+from actor.learner_link import LearnerLink
+from hardware_configs.schema import load_config, save_config
+from learner.replay import ReplayBuffer
+from learner.learner import CheckpointError, Learner, latest_checkpoint, load_policy_from_checkpoint
+from tools.session import actor_policy_loader
+from transport.spaces import RobotSpaces
+
+from conftest import free_tcp_address
+
+ENV_ID = "tests.point_env:PointReach-v0"
+
+
+def _config(**actor_changes):
+    config = load_config("sim_panda_reach")
+    sac = dataclasses.replace(config.learner.sac, hidden_dims=(64, 64), batch_size=64, utd_ratio=1, discount=0.9)
+    learner = dataclasses.replace(config.learner, address=free_tcp_address(), learning_starts=200,
+                                  publish_every_updates=20, checkpoint_every_updates=10**6, observation_keys=(),
+                                  replay_capacity=10_000, sac=sac, num_threads=1)
+    actor = dataclasses.replace(config.actor, **{"random_steps": 200, "eval_every_episodes": 0, "eval_episodes": 20,
+                                                 "max_steps_per_update": 1.0, **actor_changes})
+    robot = dataclasses.replace(config.robot, task=dataclasses.replace(config.robot.task, max_episode_steps=30))
+    return dataclasses.replace(config, learner=learner, actor=actor, robot=robot)
+
+
+class LearnerThread:
+    def __init__(self, config, run_dir, resume=False) -> None:
+        self.learner = Learner(config, run_dir, resume=resume)
+        self.thread = threading.Thread(target=self.learner.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.learner.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def _acting(config, env, actor_id="actor-0"):
+    spaces = RobotSpaces.from_gym(env.observation_space, env.action_space)
+    link = LearnerLink(config.learner.address, actor_id, spaces, load_policy=actor_policy_loader(config, spaces))
+    hello = link.wait_for_hello(10)
+    assert hello is not None
+    first = hello.acked_episode + 1 if hello.has_acked else 0
+    return ActingLoop(config, env, link, tuple(spaces.observation), first_episode=first), link
+
+
+def test_learner_learns_point_reach_through_the_sockets(tmp_path) -> None:
+    config = _config()
+    env = make_gym_env(ENV_ID, 30)
+    random_loop = ActingLoop(config, env, None, ("state",))
+    random_returns = [random_loop.run_episode()[0] for _ in range(20)]
+
+    learner = LearnerThread(config, tmp_path / "run")
+    loop, link = _acting(config, env)
+    loop.run(2500)
+    success = loop.evaluate(20)
+    trained_returns = [loop.run_episode(deterministic=True)[0] for _ in range(10)]
+    link.close()
+    learner.stop()
+    assert learner.learner.updates >= 2000, "the pacing should have kept updates near env steps"
+    assert np.mean(trained_returns) > np.mean(random_returns) + 10.0, (np.mean(trained_returns), np.mean(random_returns))
+    print(f"random return {np.mean(random_returns):.2f}, trained {np.mean(trained_returns):.2f}, success {success}")
+    # The final checkpoint holds the learner's last policy: what `steerl eval` loads.
+    policy, keys = load_policy_from_checkpoint(config, tmp_path / "run")
+    assert keys == ("state",)
+    observation, _ = env.reset(seed=0)
+    np.testing.assert_allclose(policy.act(observation, deterministic=True),
+                               learner.learner.agent.policy.act(observation, deterministic=True), atol=1e-5)
+
+
+def _learner_process(config, run_dir, resume=False) -> subprocess.Popen:
+    config_file = save_config(config, run_dir.parent / "learner.yaml")
+    command = [sys.executable, "-m", "tools.cli", "learner", "--config", str(config_file), "--run-dir", str(run_dir)]
+    return subprocess.Popen(command + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_learner_killed_mid_run_resumes_without_losing_or_duplicating(tmp_path) -> None:
+    config = _config(random_steps=10**6)  # random actions: this test is about bookkeeping
+    config = dataclasses.replace(config, learner=dataclasses.replace(
+        config.learner, learning_starts=100, checkpoint_every_updates=300))
+    env = make_gym_env(ENV_ID, 30)
+    run_dir = tmp_path / "run"
+    process = _learner_process(config, run_dir)
+    try:
+        loop, link = _acting(config, env)
+        loop.run(900)  # a checkpoint at 300 and 600 updates; the rest only in the transition log
+        assert link.flush(20)
+        process.send_signal(signal.SIGKILL)  # a crash: no final checkpoint
+        process.wait(10)
+        assert int(latest_checkpoint(run_dir).name.split("-")[1]) < loop.stats.env_steps
+        loop.run(1200)  # the actor acts on while the learner is gone
+        process = _learner_process(config, run_dir, resume=True)
+        assert link.flush(60)
+        link.close()
+        loop2, link2 = _acting(config, env, actor_id="actor-0")
+        assert loop2._episode == loop._episode  # numbering continues after the acknowledged episode
+        link2.close()
+        process.send_signal(signal.SIGTERM)  # graceful: final checkpoint
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    online = ReplayBuffer.load(latest_checkpoint(run_dir) / "online")
+    assert len(online) == loop.stats.env_steps >= 1200
+    assert online.transitions_added == 1200
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog) -> None:
+    config = _config(random_steps=10**6)
+    env = make_gym_env(ENV_ID, 30)
+    learner = LearnerThread(config, tmp_path / "run")
+    loop, link = _acting(config, env)
+    loop.run(300)
+    assert link.flush(10)
+    learner.learner.request_checkpoint()
+    while learner.learner._checkpoint_requested.is_set():
+        time.sleep(0.01)
+    first = latest_checkpoint(tmp_path / "run")
+    loop.run(300)
+    assert link.flush(10)
+    link.close()
+    learner.stop()  # writes the second checkpoint
+    newest = latest_checkpoint(tmp_path / "run")
+    assert newest != first
+    (newest / "agent.safetensors").write_bytes(b"not safetensors")
+    resumed = Learner(config, tmp_path / "run", resume=True)
+    assert str(newest) in caplog.text and "unreadable" in caplog.text
+    assert resumed.updates == int(first.name.split("-")[1])
+    resumed.close()
+
+
+def test_eval_of_a_missing_checkpoint_names_the_path(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        load_policy_from_checkpoint(_config(), tmp_path)

@@ -49,3 +49,32 @@ def test_rollout_drives_a_robot_server_process_end_to_end(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stdout + result.stderr
     assert "success rate 100% over 3 episodes" in result.stdout
     assert "serving sim_panda_pick_cube (pybullet backend)" in result.stdout + result.stderr
+
+
+def test_train_then_eval_on_a_third_party_gym_env(tmp_path: Path) -> None:
+    import dataclasses
+    import json
+
+    from conftest import free_tcp_address
+    from hardware_configs.schema import load_config
+
+    config = load_config("sim_panda_reach")
+    config = dataclasses.replace(
+        config,
+        learner=dataclasses.replace(config.learner, address=free_tcp_address(), learning_starts=100,
+                                    observation_keys=(), num_threads=1,
+                                    sac=dataclasses.replace(config.learner.sac, hidden_dims=(32, 32), batch_size=32)),
+        actor=dataclasses.replace(config.actor, random_steps=100, eval_every_episodes=10, eval_episodes=2),
+        robot=dataclasses.replace(config.robot, task=dataclasses.replace(config.robot.task, max_episode_steps=30)))
+    config_file = save_config(config, tmp_path / "point.yaml")
+    run_dir = tmp_path / "run"
+    result = _steerl("train", "--config", str(config_file), "--env-id", "tests.point_env:PointReach-v0",
+                     "--steps", "600", "--run-dir", str(run_dir), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["env_steps"] >= 600 and summary["eval_history"]
+    assert (run_dir / "checkpoints" / "latest").exists() and list((run_dir / "tensorboard").iterdir())
+    evaluation = _steerl("eval", "--config", str(config_file), "--env-id", "tests.point_env:PointReach-v0",
+                         "--checkpoint", str(run_dir), "--episodes", "3")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert "over 3 episodes" in evaluation.stdout

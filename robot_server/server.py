@@ -13,6 +13,7 @@ watchdog between requests, so a silent controller's arm is held within ``watchdo
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -99,6 +100,10 @@ class RobotServer:
         """Answer requests and run the watchdog until stopped; then hold the arm and close."""
         log.info("robot server %s serving %s (%s backend) on %s", self.session_id, self.config.name,
                  self.config.robot.backend, self.address)
+        # Everything allocated so far lives as long as the server: keep the cyclic collector from
+        # re-scanning it, which otherwise costs a multi-millisecond pause in the control loop.
+        gc.collect()
+        gc.freeze()
         try:
             while not self._stop.is_set():
                 until_watchdog = self.cell.check_watchdog()

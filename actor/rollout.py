@@ -30,20 +30,28 @@ SERVER_START_TIMEOUT_S = 60.0
 
 
 @contextmanager
-def robot_server_process(config: SessionConfig) -> Iterator[subprocess.Popen]:
-    """A ``steerl robot-server`` child running ``config``; stopped with SIGTERM on exit."""
-    with tempfile.TemporaryDirectory(prefix="steerl-") as tmp:
+def steerl_child(config: SessionConfig, command: str, *arguments: str,
+                 stop_timeout_s: float = 10.0) -> Iterator[subprocess.Popen]:
+    """``steerl COMMAND --config <config> ARGUMENTS`` as a child process, stopped with SIGTERM
+    (then killed after ``stop_timeout_s``) on exit."""
+    with tempfile.TemporaryDirectory(prefix=f"steerl-{command}-") as tmp:
         config_file = save_config(config, Path(tmp) / f"{config.name}.yaml")
-        child = subprocess.Popen([sys.executable, "-m", "tools.cli", "robot-server", "--config", str(config_file)])
+        child = subprocess.Popen([sys.executable, "-m", "tools.cli", command, "--config", str(config_file),
+                                  *arguments])
         try:
             yield child
         finally:
             child.terminate()
             try:
-                child.wait(timeout=10)
+                child.wait(timeout=stop_timeout_s)
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+def robot_server_process(config: SessionConfig):
+    """A ``steerl robot-server`` child running ``config``."""
+    return steerl_child(config, "robot-server")
 
 
 def connect_env(config: SessionConfig, server: subprocess.Popen | None = None,

@@ -27,10 +27,7 @@ Target (PASS/FAIL, a miss does not fail the script): storage ratio <= 1.05 for 1
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,6 +39,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402  (benchmarks/machine.py: what every benchmark records)
 from gymnasium import spaces  # noqa: E402
 
 from learner.replay import ReplayBuffer  # noqa: E402
@@ -202,29 +202,7 @@ def bench_save_load(buffer: ReplayBuffer) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        memory_gb = None
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gb": memory_gb,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
+    return machine.machine_info()
 
 def run(quick: bool, save: bool) -> dict[str, Any]:
     sizes = QUICK if quick else FULL

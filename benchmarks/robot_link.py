@@ -43,13 +43,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import http.client
 import json
 import multiprocessing as mp
 import os
-import platform
 import signal
 import socket
 import sys
@@ -63,6 +61,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402  (benchmarks/machine.py: what every benchmark records)
 
 CONFIG_NAME = "sim_panda_reach"
 LONG_EPISODE = 100_000
@@ -406,31 +407,10 @@ def machine_info() -> dict[str, Any]:
     import zmq
     from google.protobuf.internal import api_implementation
 
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pyzmq": zmq.__version__,
-        "libzmq": zmq.zmq_version(),
-        "protobuf": google.protobuf.__version__,
-        "protobuf_backend": api_implementation.Type(),
-        "flask": version("flask"),
-        "werkzeug": version("werkzeug"),
-        "loadavg_at_start": _loadavg(),
-        "cpu_steal_s_at_start": _steal_s(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return machine.machine_info(
+        pyzmq=zmq.__version__, libzmq=zmq.zmq_version(), protobuf=google.protobuf.__version__,
+        protobuf_backend=api_implementation.Type(), flask=version("flask"), werkzeug=version("werkzeug"),
+        cpu_steal_s_at_start=_steal_s())
 
 
 def _loadavg() -> list[float]:

@@ -40,7 +40,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import safetensors.torch
 import torch
 

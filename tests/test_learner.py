@@ -133,10 +133,14 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog) -> 
     while learner.learner._checkpoint_requested.is_set():
         time.sleep(0.01)
     first = latest_checkpoint(tmp_path / "run")
-    loop.run(300)
+    loop.run(600)
     assert link.flush(10)
     link.close()
-    learner.stop()  # writes the second checkpoint
+    first_updates = int(first.name.split("-")[1])
+    deadline = time.monotonic() + 30
+    while learner.learner.updates <= first_updates and time.monotonic() < deadline:
+        time.sleep(0.01)
+    learner.stop()  # writes the second checkpoint, at a later update count
     newest = latest_checkpoint(tmp_path / "run")
     assert newest != first
     (newest / "agent.safetensors").write_bytes(b"not safetensors")

@@ -21,7 +21,7 @@ from transport import steerl_pb2 as pb
 from transport.codec import PROTOCOL_VERSION, decode_observation, encode_tensor
 from transport.zmq_link import RemoteError, RpcClient, generate_keypair
 
-from conftest import configure, running_server
+from conftest import running_server
 
 
 def _handshake(client: RpcClient, role=pb.ROLE_CONTROLLER, name="test", timeout_ms=3000,

@@ -10,7 +10,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from actor.learner_link import LearnerLink
 from learner.service import LearnerService

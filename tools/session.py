@@ -10,17 +10,12 @@ learner can be checked on environments we did not write.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
-import os
 import subprocess
-import sys
-import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator
 
 import gymnasium as gym
 import numpy as np
@@ -30,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from actor.acting import ActingLoop, ActingStats
 from actor.env import RobotEnv, make_gym_env
 from actor.learner_link import LearnerLink
-from actor.rollout import connect_env, robot_server_process
-from hardware_configs.schema import SessionConfig, save_config
+from actor.rollout import connect_env, robot_server_process, steerl_child
+from hardware_configs.schema import SessionConfig
 from transport.spaces import RobotSpaces
 
 log = logging.getLogger("steerl")
@@ -39,27 +34,11 @@ log = logging.getLogger("steerl")
 LEARNER_START_TIMEOUT_S = 120.0
 
 
-@contextmanager
-def learner_process(config: SessionConfig, run_dir: Path, demos: str | None, resume: bool) -> Iterator[subprocess.Popen]:
+def learner_process(config: SessionConfig, run_dir: Path, demos: str | None, resume: bool):
     """A ``steerl learner`` child; SIGTERM on exit makes it write a final checkpoint."""
-    with tempfile.TemporaryDirectory(prefix="steerl-learner-") as tmp:
-        config_file = save_config(config, Path(tmp) / f"{config.name}.yaml")
-        command = [sys.executable, "-m", "tools.cli", "learner", "--config", str(config_file),
-                   "--run-dir", str(run_dir)]
-        if demos:
-            command += ["--demos", str(demos)]
-        if resume:
-            command.append("--resume")
-        child = subprocess.Popen(command)
-        try:
-            yield child
-        finally:
-            child.terminate()
-            try:
-                child.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+    arguments = ["--run-dir", str(run_dir)] + (["--demos", str(demos)] if demos else []) + (
+        ["--resume"] if resume else [])
+    return steerl_child(config, "learner", *arguments, stop_timeout_s=120.0)
 
 
 def actor_policy_loader(config: SessionConfig, spaces: RobotSpaces):

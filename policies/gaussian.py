@@ -25,6 +25,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 import safetensors.torch
+from safetensors.torch import load as safetensors_to_tensors  # bytes -> tensors, no pickle
 import torch
 from gymnasium import spaces
 from torch import nn
@@ -228,4 +229,4 @@ def policy_state_to_bytes(policy: nn.Module) -> bytes:
 
 def load_policy_bytes(policy: nn.Module, data: bytes) -> None:
     """Load weights published by :func:`policy_state_to_bytes` (strict: names and shapes must match)."""
-    policy.load_state_dict(safetensors.torch.load(data), strict=True)
+    policy.load_state_dict(safetensors_to_tensors(data), strict=True)

@@ -232,7 +232,10 @@ def observation_to_torch(
     """numpy fields -> tensors on ``device`` without changing dtypes (uint8 images stay uint8)."""
     tensors = {}
     for key in keys:
-        array = torch.from_numpy(np.ascontiguousarray(observation[key]))
+        value = np.ascontiguousarray(observation[key])
+        if not value.flags.writeable:  # e.g. a view of a received message's bytes
+            value = value.copy()
+        array = torch.from_numpy(value)
         if add_batch_dim:
             array = array.unsqueeze(0)
         tensors[key] = array.to(device, non_blocking=True)

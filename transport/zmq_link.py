@@ -13,6 +13,7 @@ message reaches steerl.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 # before they are ever allocated in Python; frames between the limit and this ceiling get a clear
 # error reply from the application instead.
 HARD_LIMIT_FACTOR = 4
+BIND_RETRY_S = 3.0
 
 
 class LinkTimeout(TimeoutError):
@@ -82,14 +84,21 @@ def bind_server(context: zmq.Context, address: str, max_message_bytes: int,
         socket.curve_secretkey = secret
         socket.curve_publickey = public
         socket.curve_server = True
-    try:
-        socket.bind(address)
-    except zmq.ZMQError as error:
-        socket.close()
-        if authenticator is not None:
-            authenticator.stop()
-        raise OSError(f"cannot bind {address}: {error}") from None
-    return socket, authenticator
+    # A process restarted on the same port may find it still held for a moment by the old
+    # socket (ZeroMQ closes asynchronously): retry briefly before giving up.
+    deadline = time.monotonic() + BIND_RETRY_S
+    while True:
+        try:
+            socket.bind(address)
+            return socket, authenticator
+        except zmq.ZMQError as error:
+            if error.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            socket.close()
+            if authenticator is not None:
+                authenticator.stop()
+            raise OSError(f"cannot bind {address}: {error}") from None
 
 
 class RpcClient:

@@ -69,6 +69,9 @@ def _training_config(args: argparse.Namespace) -> SessionConfig:
     learner_address = getattr(args, "learner_address", None)
     if learner_address:
         config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, address=learner_address))
+    if getattr(args, "env_id", None):
+        # The config's observation keys name robot fields; a gymnasium env has its own.
+        config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, observation_keys=()))
     return config
 
 

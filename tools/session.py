@@ -59,7 +59,7 @@ def actor_policy_loader(config: SessionConfig, spaces: RobotSpaces):
 
 def open_env(config: SessionConfig, env_id: str | None, stack: ExitStack, start_server: bool = True) -> RobotEnv | gym.Env:
     if env_id:
-        return make_gym_env(env_id, config.robot.task.max_episode_steps)
+        return make_gym_env(env_id)  # the env's own registered time limit
     server = None
     if start_server and config.env.connection == "zmq":
         server = stack.enter_context(robot_server_process(config))

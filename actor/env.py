@@ -213,5 +213,6 @@ def make_gym_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
     env = gym.make(env_id, max_episode_steps=max_episode_steps)
     if not isinstance(env.action_space, gym.spaces.Box):
         raise ValueError(f"{env_id}: action space {env.action_space} is not a Box")
-    env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+    shape = env.action_space.shape
+    env = gym.wrappers.RescaleAction(env, np.full(shape, -1.0, np.float32), np.full(shape, 1.0, np.float32))
     return DictBoxObservation(env)

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,22 @@ MIN_BATCH_INTERVAL_S = 0.05
 IDLE_POLL_S = 0.25
 
 
+@dataclass
+class _Queued:
+    """One executed step waiting for the learner's acknowledgement."""
+
+    episode: int
+    step: int
+    # observation, action, reward, next_observation, terminated, truncated, intervened
+    fields: tuple
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        observation, action, _, next_observation, *_ = self.fields
+        self.nbytes = (sum(v.nbytes for v in observation.values()) + sum(v.nbytes for v in next_observation.values())
+                       + np.asarray(action).nbytes)
+
+
 class LearnerLink:
     """See the module docstring. ``load_policy(bytes) -> policy`` builds a policy from weights."""
 
@@ -56,8 +73,8 @@ class LearnerLink:
         self._max_queue_bytes = max_queue_mb * 1024 * 1024
         self._client = RpcClient(address, curve=curve, identity=actor_id.encode()[:255])
         self._lock = threading.Condition()
-        # (episode, step, serialised Transition), oldest first; unacknowledged ones stay here.
-        self._queue: collections.deque[tuple[int, int, bytes]] = collections.deque()
+        # Oldest first; a transition stays here until the learner acknowledges it.
+        self._queue: collections.deque[_Queued] = collections.deque()
         self._queue_bytes = 0
         self._in_flight = 0  # how many at the head of the queue are in the batch being sent
         self._episodes: list[pb.EpisodeSummary] = []
@@ -84,23 +101,20 @@ class LearnerLink:
     def submit(self, episode: int, step: int, observation: dict[str, np.ndarray], action: np.ndarray,
                reward: float, next_observation: dict[str, np.ndarray], terminated: bool, truncated: bool,
                intervened: bool = False) -> None:
-        payload = encode_transition(pb.Transition(), episode, step, observation, action, reward,
-                                    next_observation, terminated, truncated, intervened).SerializeToString()
+        """Queue one executed step (encoding happens on the link thread)."""
+        item = _Queued(episode, step, (observation, action, reward, next_observation, terminated, truncated,
+                                       intervened))
         with self._lock:
-            self._queue.append((episode, step, payload))
-            self._queue_bytes += len(payload)
+            self._queue.append(item)
+            self._queue_bytes += item.nbytes
             while self._queue_bytes > self._max_queue_bytes and len(self._queue) > self._in_flight + 1:
-                _, _, old = self._queue.popleft() if self._in_flight == 0 else self._pop_after_in_flight()
-                self._queue_bytes -= len(old)
+                oldest_unsent = self._queue[self._in_flight]
+                del self._queue[self._in_flight]
+                self._queue_bytes -= oldest_unsent.nbytes
                 self.dropped += 1
                 if self.dropped % 1000 == 1:
                     log.error("learner away too long: send queue full, %d oldest transitions dropped", self.dropped)
             self._lock.notify()
-
-    def _pop_after_in_flight(self) -> tuple[int, int, bytes]:
-        item = self._queue[self._in_flight]
-        del self._queue[self._in_flight]
-        return item
 
     def episode_finished(self, summary: pb.EpisodeSummary) -> None:
         with self._lock:
@@ -161,9 +175,8 @@ class LearnerLink:
 
     def _forget_through(self, acked: tuple[int, int]) -> None:
         """Drop acknowledged transitions (caller holds the lock)."""
-        while self._queue and (self._queue[0][0], self._queue[0][1]) <= acked:
-            _, _, payload = self._queue.popleft()
-            self._queue_bytes -= len(payload)
+        while self._queue and (self._queue[0].episode, self._queue[0].step) <= acked:
+            self._queue_bytes -= self._queue.popleft().nbytes
             self._in_flight = max(0, self._in_flight - 1)
             self.acked += 1
 
@@ -178,11 +191,11 @@ class LearnerLink:
             batch.actor_id = self.actor_id
             size = 0
             count = 0
-            for _, _, payload in self._queue:
-                if count >= MAX_BATCH_TRANSITIONS or (count and size + len(payload) > MAX_BATCH_BYTES):
+            for item in self._queue:
+                if count >= MAX_BATCH_TRANSITIONS or (count and size + item.nbytes > MAX_BATCH_BYTES):
                     break
-                batch.transitions.add().MergeFromString(payload)
-                size += len(payload)
+                encode_transition(batch.transitions.add(), item.episode, item.step, *item.fields)
+                size += item.nbytes
                 count += 1
             self._in_flight = count
             batch.episodes.extend(self._episodes)

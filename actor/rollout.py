@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -77,23 +78,40 @@ def make_policy(name: str, config: SessionConfig, env: RobotEnv) -> Callable[[di
     return ScriptedExpert(config.robot).act
 
 
+@dataclass
+class Episode:
+    """One played episode: its steps as (observation, action, reward, next_observation,
+    terminated, truncated), its return and whether it succeeded."""
+
+    steps: list[tuple]
+    episode_return: float
+    success: bool
+
+
+def play_episode(env: RobotEnv, policy: Callable[[dict], np.ndarray], seed: int) -> Episode:
+    """Run one episode of ``policy`` from ``env.reset(seed=seed)``."""
+    observation, _ = env.reset(seed=seed)
+    steps, info = [], {}
+    while True:
+        action = policy(observation)
+        next_observation, reward, terminated, truncated, info = env.step(action)
+        steps.append((observation, action, reward, next_observation, terminated, truncated))
+        observation = next_observation
+        if terminated or truncated:
+            break
+    return Episode(steps, float(sum(step[2] for step in steps)), bool(info.get("success", 0.0)))
+
+
 def run_episodes(env: RobotEnv, policy: Callable[[dict], np.ndarray], episodes: int, seed: int,
                  on_episode: Callable[[int, float, int, bool, float], None]) -> list[bool]:
     """Run ``episodes`` episodes; ``on_episode(index, return, length, success, steps_per_s)``."""
     successes = []
-    for episode in range(episodes):
-        observation, _ = env.reset(seed=seed + episode)
-        episode_return, length, start = 0.0, 0, time.perf_counter()
-        info: dict = {}
-        while True:
-            observation, reward, terminated, truncated, info = env.step(policy(observation))
-            episode_return += reward
-            length += 1
-            if terminated or truncated:
-                break
-        success = bool(info.get("success", 0.0))
-        successes.append(success)
-        on_episode(episode, episode_return, length, success, length / (time.perf_counter() - start))
+    for index in range(episodes):
+        start = time.perf_counter()
+        episode = play_episode(env, policy, seed + index)
+        successes.append(episode.success)
+        on_episode(index, episode.episode_return, len(episode.steps), episode.success,
+                   len(episode.steps) / (time.perf_counter() - start))
     return successes
 
 

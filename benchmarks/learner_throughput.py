@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -270,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     torch.set_num_threads(threads)
-    machine = machine_info(threads)
-    print(f"{machine['cpu']}: {machine['cores_available']} cores, torch {machine['torch']} "
-          f"({threads} threads), load average at start {machine['load_average_at_start']}")
+    host = machine_info(threads)
+    print(f"{host['cpu_model']}: {host['cpus_usable']} cores, torch {host['torch']} "
+          f"({threads} threads), load average at start {host['loadavg_at_start']}")
 
     # The matmul rate is sampled before, between and after the SAC runs and its best sample taken as
     # the machine's: other tenants of the cores only ever lower it, and they come and go.
@@ -336,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "learner_throughput",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "quick": args.quick,
-            "machine": machine,
+            "machine": host,
             "setup": {"batch_size": BATCH_SIZE, "observation_dim": sum(STATE_FIELDS.values()),
                       "action_dim": ACTION_DIM, "hidden_dims": [256, 256], "num_critics": 2, "layer_norm": True},
             "matmul_fp32_gflop_per_s": flops_per_s / 1e9,
@@ -349,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_vs_reference": {"utd1": ratio_utd1, "utd4": ratio_utd4},
             "targets": targets,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        machine.write_json(args.json, report)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
@@ -40,3 +41,12 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     }
     info.update(extra)
     return info
+
+
+def write_json(path: Path | None, results: dict[str, Any]) -> None:
+    """Write a benchmark's results to ``path`` (the ``--json`` option), if one was given."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {path}")

@@ -27,7 +27,6 @@ Target (PASS/FAIL, a miss does not fail the script): storage ratio <= 1.05 for 1
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -221,9 +220,9 @@ def run(quick: bool, save: bool) -> dict[str, Any]:
 
 
 def print_report(results: dict[str, Any]) -> None:
-    machine, fill_, sample = results["machine"], results["fill"], results["sample"]
-    print(f"\nreplay benchmark ({'quick' if results['quick'] else 'full'}) on {machine['cpu_model']}, "
-          f"{machine['cpu_count']} cores, python {machine['python']}, numpy {machine['numpy']}")
+    host, fill_, sample = results["machine"], results["fill"], results["sample"]
+    print(f"\nreplay benchmark ({'quick' if results['quick'] else 'full'}) on {host['cpu_model']}, "
+          f"{host['cpu_count']} cores, python {host['python']}, numpy {host['numpy']}")
     print(f"two {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}x3 cameras + {results['config']['state_dim']}-d state "
           f"({fill_['frame_bytes']:,} B per observation), {EPISODE_STEPS}-step episodes, {STREAMS} streams\n")
     rows = [
@@ -265,10 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run(args.quick, not args.no_save)
     print_report(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    machine.write_json(args.json, results)
     return 0
 
 

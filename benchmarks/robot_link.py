@@ -853,17 +853,17 @@ BREAKDOWN_ROWS = [
 
 
 def print_report(results: dict[str, Any]) -> None:
-    machine = results["machine"]
-    print(f"\nrobot link benchmark ({'quick' if results['quick'] else 'full'}) on {machine['cpu_model']}, "
-          f"{machine['cpu_count']} cores, python {machine['python']}, pyzmq {machine['pyzmq']} "
-          f"(libzmq {machine['libzmq']}), protobuf {machine['protobuf']} ({machine['protobuf_backend']}), "
-          f"numpy {machine['numpy']}")
+    host = results["machine"]
+    print(f"\nrobot link benchmark ({'quick' if results['quick'] else 'full'}) on {host['cpu_model']}, "
+          f"{host['cpu_count']} cores, python {host['python']}, pyzmq {host['pyzmq']} "
+          f"(libzmq {host['libzmq']}), protobuf {host['protobuf']} ({host['protobuf_backend']}), "
+          f"numpy {host['numpy']}")
     print("options: " + ", ".join(f"{k}={v}" for k, v in results["options"].items()))
-    if "foreign_cpu_share_during_run" in machine:
-        print(f"other processes used {machine['foreign_cpu_share_during_run']:.0%} of the machine's CPU during "
-              f"the run; load average {machine['loadavg_at_start'][0]:.2f} at start, "
-              f"{machine['loadavg_at_end'][0]:.2f} at end; steal {machine.get('cpu_steal_s_during_run', 0):.2f} s")
-        by_section = machine.get("foreign_cpu_share_by_section", {})
+    if "foreign_cpu_share_during_run" in host:
+        print(f"other processes used {host['foreign_cpu_share_during_run']:.0%} of the machine's CPU during "
+              f"the run; load average {host['loadavg_at_start'][0]:.2f} at start, "
+              f"{host['loadavg_at_end'][0]:.2f} at end; steal {host.get('cpu_steal_s_during_run', 0):.2f} s")
+        by_section = host.get("foreign_cpu_share_by_section", {})
         print("  by section: " + ", ".join(f"{name} {share:.0%}" for name, share in by_section.items()
                                            if share is not None))
     header = f"{'round trip per step':<48} {'steps':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
@@ -964,10 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(pin=args.pin, server_gc_freeze=args.server_gc_freeze, fifo=args.fifo)
     results = run(args.quick, options, not args.no_breakdown)
     print_report(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    machine.write_json(args.json, results)
     return 0
 
 

@@ -127,7 +127,6 @@ class Learner:
         self.demos: ReplayBuffer | None = None
         self._demo_path = Path(demos) if demos else None
         self.updates = 0
-        self.episodes_logged = 0
         self._writer = None
         self._stop = threading.Event()
         self._checkpoint_requested = threading.Event()
@@ -180,7 +179,6 @@ class Learner:
         writer.add_scalar(f"{tag}/episode_return", summary.episode_return, step)
         writer.add_scalar(f"{tag}/success", float(summary.success), step)
         writer.add_scalar(f"{tag}/episode_length", summary.length, step)
-        self.episodes_logged += 1
 
     @property
     def writer(self):

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -79,7 +79,6 @@ class _Counters:
     missed_ticks: int = 0
     clipped_steps: int = 0
     refused_actions: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class RobotCell:
@@ -166,6 +165,7 @@ class RobotCell:
             "watchdog_trips": float(self.counters.watchdog_trips),
             "missed_ticks": float(self.counters.missed_ticks),
             "refused_actions": float(self.counters.refused_actions),
+            "clipped_steps": float(self.counters.clipped_steps),
         }
 
     # -- episode ------------------------------------------------------------------------------

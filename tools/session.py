@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from actor.acting import ActingLoop, ActingStats
 from actor.env import RobotEnv, make_gym_env
 from actor.learner_link import LearnerLink
-from actor.rollout import connect_env, robot_server_process, steerl_child
+from actor.rollout import connect_env, play_episode, robot_server_process, steerl_child
 from hardware_configs.schema import SessionConfig
 from transport.spaces import RobotSpaces
 
@@ -178,18 +178,10 @@ def record_demos(config: SessionConfig, episodes: int, out: str | Path, keep_fai
         buffer = ReplayBuffer(env.observation_space, env.action_space.shape[0],
                               capacity=max(1000, episodes * config.robot.task.max_episode_steps), seed=config.seed)
         while kept < episodes and attempted < episodes * 5:
-            observation, _ = env.reset(seed=config.seed + attempted)
+            episode = play_episode(env, expert.act, seed=config.seed + attempted)
             attempted += 1
-            steps = []
-            while True:
-                action = expert.act(observation)
-                next_observation, reward, terminated, truncated, info = env.step(action)
-                steps.append((observation, action, reward, next_observation, terminated, truncated))
-                observation = next_observation
-                if terminated or truncated:
-                    break
-            if info.get("success", 0.0) or keep_failures:
-                for step in steps:
+            if episode.success or keep_failures:
+                for step in episode.steps:
                     buffer.add(*step)
                 kept += 1
     buffer.save(out)

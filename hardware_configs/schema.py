@@ -241,6 +241,11 @@ class ImageEncoderConfig:
     pretrained_path: str = ""
     channels: int = 32
     latent_dim: int = 64
+    # How the small CNN's feature map becomes a vector. flatten (DrQ/SERL): every activation into
+    # the projection; its weight grows with the image (about 20 MB per 128x128 camera).
+    # spatial_softmax: one expected (x, y) keypoint per channel (2 x channels values): a few KB,
+    # independent of the image size.
+    pooling: Literal["flatten", "spatial_softmax"] = "flatten"
     # DrQ random shift: pad by this many pixels, crop back at a random offset (0 disables).
     augment_pad: int = 4
 
@@ -282,6 +287,12 @@ class SACConfig:
     batch_size: int = 256
     # Critic updates per environment step; the actor and temperature update once per step.
     utd_ratio: int = 1
+    # Standardise the state fields with a mean and standard deviation measured once, on the demos
+    # and the first online transitions, before the first update (then frozen and published with
+    # the policy). Raw positions in metres differ by centimetres; unscaled, an MLP learns slowly.
+    normalize_state: bool = True
+    # Floor of a feature's standard deviation (a nearly constant feature is not blown up to noise).
+    state_min_std: float = 0.01
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     gripper_critic: GripperCriticConfig = field(default_factory=GripperCriticConfig)
 
@@ -294,6 +305,8 @@ class SACConfig:
             raise ValueError("tau must lie in (0, 1]")
         if self.batch_size < 1 or self.utd_ratio < 1:
             raise ValueError("batch_size and utd_ratio must be at least 1")
+        if not self.state_min_std > 0.0:
+            raise ValueError("state_min_std must be positive")
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,13 @@ class Learner:
                 and self.updates < self.service.transitions_received)
 
     def train_step(self) -> dict[str, float]:
-        assert self.agent is not None
+        assert self.agent is not None and self.online is not None
+        if self.settings.sac.normalize_state and not self.agent.state_normalized:
+            keys = tuple(self.spaces.observation)
+            sources = [self.online] + ([self.demos] if self.demos is not None else [])
+            self.agent.fit_state_normalization([buffer.observations(keys) for buffer in sources])
+            log.info("state standardised with statistics of %d transitions",
+                     sum(len(buffer) for buffer in sources))
         metrics = self.agent.update(self._sample())
         self.updates += 1
         self.service.learner_updates = self.updates

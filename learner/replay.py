@@ -462,6 +462,13 @@ class ReplayBuffer:
                 intervened=self._intervened.take(rows),
             )
 
+    def observations(self, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Copies of the observations of every valid transition (``[len(self), ...]`` per field,
+        ``keys`` or all fields), e.g. to measure normalisation statistics."""
+        with self._lock:
+            slots = self._obs_index[self._valid_rows[: self._num_valid]]
+            return {k: self._obs[k].take(slots, axis=0) for k in (keys if keys is not None else self._obs)}
+
     # -- save -------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the buffer to ``directory`` (crash-safe; format in the module docstring)."""

@@ -40,6 +40,12 @@ or close (g > 0). With the toggle penalty c::
 
 The continuous critics see only the continuous action dimensions.
 
+State standardisation (``normalize_state``): before the first update the learner calls
+:meth:`SACAgent.fit_state_normalization` with the demos and the first online observations; the
+encoder (online and target) then feeds ``(x - mean) / std`` to every network. The statistics are
+frozen afterwards (moving them would shift every network's input under it) and are part of the
+published policy and of the checkpoints.
+
 Checkpoints hold no pickle: :meth:`SACAgent.checkpoint_tensors` is a flat ``name -> tensor`` dict
 (for safetensors) and :meth:`SACAgent.checkpoint_meta` a JSON-able dict; optimiser states are
 flattened into both (per-parameter moments as tensors, hyper-parameters as JSON).
@@ -283,6 +289,18 @@ class SACAgent:
             (GRIPPER_WIDTH_KEY,) if self.use_gripper_critic and GRIPPER_WIDTH_KEY not in self.observation_keys else ()
         )
         self.update_count = 0
+        self.state_normalized = False
+
+    def fit_state_normalization(self, observations: list[Mapping[str, np.ndarray]]) -> None:
+        """Measure the state statistics on batched observation dicts (e.g. the demo buffer's and the
+        online buffer's) and freeze them in the encoder and its target (see the module docstring)."""
+        if not self.encoder.state_keys:
+            self.state_normalized = True
+            return
+        states = np.concatenate([self.encoder.state_vector(fields) for fields in observations], axis=0)
+        for encoder in (self.encoder, self.target_encoder):
+            encoder.set_state_normalization(states, self.config.state_min_std)
+        self.state_normalized = True
 
     # ----------------------------------------------------------------------------------------
     # Acting and publishing
@@ -471,6 +489,7 @@ class SACAgent:
             "action_dim": int(self.policy.action_dim),
             "gripper_critic": self.use_gripper_critic,
             "target_entropy": self.target_entropy,
+            "state_normalized": self.state_normalized,
             "optimizers": {
                 name: {"param_groups": _json_safe(optimizer.state_dict()["param_groups"])}
                 for name, optimizer in self._optimizers().items()
@@ -499,6 +518,7 @@ class SACAgent:
             optimizer.load_state_dict({"state": state, "param_groups": meta["optimizers"][optimizer_name]["param_groups"]})
         self.update_count = int(meta["update_count"])
         self.target_entropy = float(meta["target_entropy"])
+        self.state_normalized = bool(meta.get("state_normalized", False))
 
     def state_dict(self) -> dict[str, Any]:
         """``{"tensors": checkpoint_tensors(), "meta": checkpoint_meta()}``."""

@@ -2,7 +2,10 @@
 
 An :class:`ObservationEncoder` concatenates
 
-- the selected float state fields, flattened, in a fixed (sorted-key) order; and
+- the selected float state fields, flattened, in a fixed (sorted-key) order and standardised as
+  ``clip((x - mean) / std, -STATE_CLIP, STATE_CLIP)`` (mean 0 and std 1 until
+  :meth:`ObservationEncoder.set_state_normalization` is called; the statistics are buffers, so they
+  travel with the published weights and the checkpoints); and
 - per camera (``images/<name>``, uint8 ``H x W x 3``) a latent vector from either
   a small CNN trained with the critic (``kind: small_cnn``, as in DrQ/SERL), or
   a frozen TorchScript backbone followed by a trainable projection (``kind: pretrained``).
@@ -35,6 +38,9 @@ from torch import nn
 from hardware_configs.schema import ImageEncoderConfig
 
 IMAGE_PREFIX = "images/"
+# Standardised state features are clipped to +-STATE_CLIP (an out-of-distribution reading cannot
+# dominate the first layer).
+STATE_CLIP = 10.0
 
 
 def is_image_field(key: str, box: spaces.Box) -> bool:
@@ -66,10 +72,27 @@ def images_to_float_nchw(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-class SmallCNN(nn.Module):
-    """DrQ/SERL-style camera encoder: 4 3x3 convs (stride 2, 1, 1, 1) -> Linear -> LayerNorm -> tanh."""
+class SpatialSoftmax(nn.Module):
+    """Feature map ``[B, C, H, W]`` -> ``[B, 2C]`` keypoints: per channel, the softmax over the
+    ``H x W`` positions (learned temperature) weights the positions' (x, y) in [-1, 1]."""
 
-    def __init__(self, image_shape: tuple[int, int, int], channels: int, latent_dim: int) -> None:
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__()
+        ys, xs = torch.meshgrid(torch.linspace(-1.0, 1.0, height), torch.linspace(-1.0, 1.0, width), indexing="ij")
+        self.register_buffer("grid", torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1), persistent=False)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(features.flatten(2) / self.log_temperature.exp(), dim=-1)  # [B, C, HW]
+        return (weights @ self.grid).flatten(1)  # [B, C, 2] -> [B, 2C]
+
+
+class SmallCNN(nn.Module):
+    """DrQ/SERL-style camera encoder: 4 3x3 convs (stride 2, 1, 1, 1) -> pooling (flatten or
+    spatial softmax) -> Linear -> LayerNorm -> tanh."""
+
+    def __init__(self, image_shape: tuple[int, int, int], channels: int, latent_dim: int,
+                 pooling: str = "flatten") -> None:
         super().__init__()
         height, width, in_channels = image_shape
         self.convs = nn.Sequential(
@@ -79,12 +102,18 @@ class SmallCNN(nn.Module):
             nn.Conv2d(channels, channels, 3, stride=1), nn.ReLU(),
         )
         with torch.no_grad():
-            flat_dim = self.convs(torch.zeros(1, in_channels, height, width)).numel()
-        self.projection = nn.Sequential(nn.Linear(flat_dim, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
+            feature_map = self.convs(torch.zeros(1, in_channels, height, width))
+        if pooling == "spatial_softmax":
+            self.pool: nn.Module = SpatialSoftmax(feature_map.shape[2], feature_map.shape[3])
+            pooled_dim = 2 * channels
+        else:
+            self.pool = nn.Flatten(1)
+            pooled_dim = feature_map.numel()
+        self.projection = nn.Sequential(nn.Linear(pooled_dim, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """float ``[B, C, H, W]`` in [0, 1] -> ``[B, latent_dim]``."""
-        return self.projection(self.convs(images).flatten(1))
+        return self.projection(self.pool(self.convs(images)))
 
 
 class FrozenFeatureProjection(nn.Module):
@@ -140,13 +169,16 @@ class ObservationEncoder(nn.Module):
         self.state_keys = tuple(k for k in self.keys if k not in self.image_keys)
         self.state_dim = sum(int(math.prod(observation_space[k].shape)) for k in self.state_keys)
 
+        self.register_buffer("state_mean", torch.zeros(self.state_dim))
+        self.register_buffer("state_std", torch.ones(self.state_dim))
         # Kept outside the module tree: not trained, not in state_dict, moved along in _apply.
         self._frozen_backbones: dict[str, torch.jit.ScriptModule] = {}
         self.cameras = nn.ModuleDict()
         for key in self.image_keys:
             image_shape = tuple(observation_space[key].shape)
             if image_config.kind == "small_cnn":
-                camera: nn.Module = SmallCNN(image_shape, image_config.channels, image_config.latent_dim)
+                camera: nn.Module = SmallCNN(image_shape, image_config.channels, image_config.latent_dim,
+                                             image_config.pooling)
             else:
                 if frozen_backbones is not None and key in frozen_backbones:
                     backbone = frozen_backbones[key]
@@ -176,6 +208,26 @@ class ObservationEncoder(nn.Module):
             backbone._apply(fn)
         return self
 
+    def state_vector(self, observation: Mapping[str, np.ndarray | torch.Tensor]) -> np.ndarray:
+        """The raw (not standardised) state features ``[B, state_dim]`` of batched numpy fields, in
+        the encoder's order (what the normalisation statistics are measured on)."""
+        return np.concatenate(
+            [np.asarray(observation[k], dtype=np.float64).reshape(len(observation[k]), -1) for k in self.state_keys],
+            axis=1,
+        )
+
+    def set_state_normalization(self, states: np.ndarray, min_std: float) -> None:
+        """Measure the state statistics on ``states`` ``[N, state_dim]`` (raw features, see
+        :meth:`state_vector`); standard deviations are floored at ``min_std``."""
+        states = np.asarray(states, dtype=np.float64)
+        if states.ndim != 2 or states.shape[1] != self.state_dim or len(states) == 0:
+            raise ValueError(f"state statistics need a non-empty [N, {self.state_dim}] array, got {states.shape}")
+        if not np.all(np.isfinite(states)):
+            raise ValueError("state statistics: the states contain NaN or inf")
+        with torch.no_grad():
+            self.state_mean.copy_(torch.from_numpy(states.mean(axis=0)))
+            self.state_std.copy_(torch.from_numpy(np.maximum(states.std(axis=0), min_std)))
+
     def make_target_copy(self) -> "ObservationEncoder":
         """A copy with the same weights and the same (shared, frozen) backbones, for a target network."""
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
@@ -194,9 +246,10 @@ class ObservationEncoder(nn.Module):
         backbone, as its frozen features."""
         prepared: dict[str, torch.Tensor] = {}
         if self.state_keys:
-            prepared["state"] = torch.cat(
+            state = torch.cat(
                 [observation[k].reshape(observation[k].shape[0], -1).float() for k in self.state_keys], dim=1
             )
+            prepared["state"] = ((state - self.state_mean) / self.state_std).clamp_(-STATE_CLIP, STATE_CLIP)
         for key in self.image_keys:
             images = observation[key]
             if augment and self.image_config.augment_pad > 0:

@@ -192,6 +192,54 @@ class CountingBackbone(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_state_standardisation_uses_measured_statistics_floor_and_clip() -> None:
+    observation_space, action_space = robot_spaces()
+    agent = SACAgent(SACConfig(**SMALL, state_min_std=0.01), observation_space, action_space,
+                     observation_keys=("gripper_width", "tcp_pose"))
+    rng = np.random.default_rng(0)
+    tcp = np.concatenate([rng.normal([0.5, 0.0, 0.2], [0.1, 0.05, 0.02], (400, 3)),
+                          np.tile([1.0, 0.0, 0.0, 0.0], (400, 1))], axis=1).astype(np.float32)
+    width = rng.uniform(0.0, 0.08, (400, 1)).astype(np.float32)
+    demos, online = {"gripper_width": width[:300], "tcp_pose": tcp[:300]}, {"gripper_width": width[300:], "tcp_pose": tcp[300:]}
+    assert not agent.state_normalized
+    agent.fit_state_normalization([online, demos])
+    assert agent.state_normalized
+
+    raw = np.concatenate([width, tcp], axis=1).astype(np.float64)  # sorted keys: gripper_width first
+    np.testing.assert_allclose(agent.encoder.state_mean.numpy(), raw.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(agent.encoder.state_std.numpy(), np.maximum(raw.std(0), 0.01), rtol=1e-5)
+    assert agent.encoder.state_std[4:].eq(0.01).all()  # the constant quaternion hits the floor
+    assert torch.equal(agent.target_encoder.state_mean, agent.encoder.state_mean)
+
+    prepared = agent.encoder.prepare({"gripper_width": torch.from_numpy(width), "tcp_pose": torch.from_numpy(tcp)})
+    standardised = prepared["state"].numpy()
+    np.testing.assert_allclose(standardised[:, :4].mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(standardised[:, :4].std(0), 1.0, atol=1e-3)
+    far = {"gripper_width": torch.zeros(1, 1), "tcp_pose": torch.tensor([[5.0, 0.0, 0.2, 1.0, 0.0, 0.0, 0.0]])}
+    assert agent.encoder.prepare(far)["state"][0, 1].item() == pytest.approx(10.0)  # clipped
+
+    with pytest.raises(ValueError, match="NaN or inf"):
+        agent.fit_state_normalization([{"gripper_width": np.full((2, 1), np.nan, np.float32), "tcp_pose": tcp[:2]}])
+
+
+def test_spatial_softmax_finds_the_peak_and_keeps_published_weights_small() -> None:
+    pool = encoders_module.SpatialSoftmax(5, 9)
+    features = torch.full((1, 2, 5, 9), -50.0)
+    features[0, 0, 0, 8] = 50.0  # top right
+    features[0, 1, 2, 4] = 50.0  # centre
+    np.testing.assert_allclose(pool(features).detach().numpy(), [[1.0, -1.0, 0.0, 0.0]], atol=1e-5)
+
+    observation_space, action_space = robot_spaces(cameras=("front", "wrist"), image_size=128)
+    sizes = {}
+    for pooling in ("flatten", "spatial_softmax"):
+        config = SACConfig(**SMALL, image_encoder=ImageEncoderConfig(pooling=pooling))
+        agent = SACAgent(config, observation_space, action_space, seed=0)
+        sizes[pooling] = len(agent.publish_policy())
+        metrics = agent.update(random_batch(observation_space, 4, 16))
+        assert math.isfinite(metrics["critic_loss"])
+    assert sizes["flatten"] > 40e6 and sizes["spatial_softmax"] < 1e6, sizes
+
+
 def test_pretrained_backbone_is_frozen_cached_per_minibatch_and_not_published(tmp_path) -> None:
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
     path = tmp_path / "backbone.pt"
@@ -313,6 +361,7 @@ def test_published_policy_bytes_give_identical_actions_on_the_actor_side() -> No
                        gripper_critic=GripperCriticConfig(enabled=True))
     keys = ("tcp_pose", "gripper_width", "images/front", "images/wrist")
     agent = SACAgent(config, observation_space, action_space, observation_keys=keys, seed=0)
+    agent.fit_state_normalization([random_observations(observation_space, 50, np.random.default_rng(3))])
     for seed in range(3):
         agent.update(random_batch(observation_space, 4, 16, seed=seed))
     data = agent.publish_policy()
@@ -334,6 +383,7 @@ def test_checkpoint_round_trip_continues_identically(tmp_path) -> None:
                        image_encoder=ImageEncoderConfig(latent_dim=8, channels=4),
                        gripper_critic=GripperCriticConfig(enabled=True))
     agent = SACAgent(config, observation_space, action_space, seed=0)
+    agent.fit_state_normalization([random_observations(observation_space, 50, np.random.default_rng(3))])
     for seed in range(3):
         agent.update(random_batch(observation_space, 4, 32, seed=seed))
 
@@ -343,7 +393,8 @@ def test_checkpoint_round_trip_continues_identically(tmp_path) -> None:
     restored = SACAgent(config, observation_space, action_space, seed=99)
     restored.load_checkpoint(safetensors.torch.load((tmp_path / "state.safetensors").read_bytes()),
                              json.loads((tmp_path / "meta.json").read_text()))
-    assert restored.update_count == 3
+    assert restored.update_count == 3 and restored.state_normalized
+    assert torch.equal(restored.target_encoder.state_std, agent.encoder.state_std)
 
     batch = random_batch(observation_space, 4, 32, seed=10)
     expected, got = agent.update(batch), restored.update(batch)

@@ -5,7 +5,7 @@ then the newest policy the learner published), steps the env, and hands the tran
 :class:`~actor.learner_link.LearnerLink`, whose thread does the network work. New weights are
 swapped in between steps. Every ``actor.eval_every_episodes`` episodes it runs
 ``actor.eval_episodes`` deterministic evaluation episodes (also shipped as data, marked as
-evaluation in their summaries).
+evaluation in their summaries, and counted in ``env_steps``: every step the robot took is).
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ class ActingStats:
     recent_returns: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
     recent_successes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
     eval_success_rate: float | None = None
-    eval_history: list[tuple[int, float]] = field(default_factory=list)
+    # One entry per evaluation: {"env_steps", "success_rate", "wall_s"} (wall_s since the loop began).
+    eval_history: list[dict[str, float]] = field(default_factory=list)
     steps_per_s: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
 
     @property
     def success_rate(self) -> float:
@@ -93,8 +95,7 @@ class ActingLoop:
                                  self._select(next_observation), terminated, truncated)
             episode_return += reward
             length += 1
-            if not deterministic:
-                self.stats.env_steps += 1
+            self.stats.env_steps += 1  # evaluation steps too: they reach the learner as data
             observation = next_observation
             if terminated or truncated:
                 break
@@ -110,7 +111,8 @@ class ActingLoop:
         successes = [self.run_episode(deterministic=True)[2] for _ in range(episodes)]
         rate = float(np.mean(successes))
         self.stats.eval_success_rate = rate
-        self.stats.eval_history.append((self.stats.env_steps, rate))
+        self.stats.eval_history.append({"env_steps": self.stats.env_steps, "success_rate": rate,
+                                        "wall_s": round(time.monotonic() - self.stats.started_at, 1)})
         return rate
 
     def _wait_for_learner(self, on_progress: Callable[[ActingStats], None] | None) -> None:

@@ -17,7 +17,7 @@ import ipaddress
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 from urllib.parse import urlparse
 
 from hardware_configs.loader import ConfigError, load_yaml
@@ -116,17 +116,83 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class CameraConfig:
-    """One RGB camera in the observation as ``images/<name>`` (uint8, height x width x 3)."""
+    """One RGB camera in the observation as ``images/<name>`` (uint8, height x width x 3).
+
+    A camera with an empty ``device`` is rendered by the simulator backend. A camera naming an
+    entry of ``robot.camera_devices`` is an output of that physical camera: its frame is cropped
+    to ``crop`` (source pixels; None: the whole frame) and resized to ``width`` x ``height``.
+    Several cameras may name the same device (several crops of one view).
+    """
 
     name: str
     width: int = 128
     height: int = 128
+    device: str = ""
+    # (x, y, width, height) of the region of the device's frame to keep, in capture pixels.
+    crop: Optional[tuple[int, int, int, int]] = None
 
     def validate(self) -> None:
         if not self.name.isidentifier():
             raise ValueError(f"camera name {self.name!r} must be a plain identifier")
         if not (8 <= self.width <= 4096 and 8 <= self.height <= 4096):
             raise ValueError(f"camera {self.name!r}: width and height must lie in [8, 4096]")
+        if self.crop is not None:
+            if not self.device:
+                raise ValueError(f"camera {self.name!r}: crop applies only to a camera with a device")
+            x, y, crop_width, crop_height = self.crop
+            if x < 0 or y < 0 or crop_width < 1 or crop_height < 1:
+                raise ValueError(f"camera {self.name!r}: crop {self.crop} must be (x >= 0, y >= 0, "
+                                 "width >= 1, height >= 1)")
+
+
+@dataclass(frozen=True)
+class CameraDeviceConfig:
+    """A physical camera the robot server opens (see robot_server/cameras.py).
+
+    ``realsense`` selects an Intel RealSense by ``serial``; ``opencv`` opens any
+    ``cv2.VideoCapture`` source: a device index (``0``) or a path or URL (a video file plays back
+    at ``fps`` and ends). ``width``/``height``/``fps`` are the capture mode requested from the
+    device; the cameras naming this device crop and resize its frames.
+    """
+
+    name: str
+    driver: Literal["realsense", "opencv"]
+    serial: str = ""
+    source: Union[int, str] = ""
+    width: int = 640
+    height: int = 480
+    fps: int = 30
+    # Manual exposure in the driver's units (RealSense: the colour sensor's exposure option, e.g.
+    # 166 = 16.6 ms on a D400 RGB sensor; OpenCV: CAP_PROP_EXPOSURE). None: auto exposure.
+    exposure: Optional[float] = None
+    # RealSense only: also stream depth, aligned to the colour frame (rs.align).
+    depth: bool = False
+    # A camera whose newest frame is older than this is stale.
+    max_frame_age_ms: float = 100.0
+    # Consecutive control steps a camera of this device may stay stale before the robot server
+    # ends the episode (camera fault: truncated, arm held).
+    max_stale_steps: int = 2
+
+    def validate(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"camera device name {self.name!r} must be a plain identifier")
+        if self.driver == "realsense" and not self.serial:
+            raise ValueError(f"camera device {self.name!r}: serial is required for driver 'realsense'")
+        if self.driver == "opencv" and self.source == "":
+            raise ValueError(f"camera device {self.name!r}: source (index, path or URL) is required "
+                             "for driver 'opencv'")
+        if self.depth and self.driver != "realsense":
+            raise ValueError(f"camera device {self.name!r}: depth is supported by driver 'realsense' only")
+        if not (8 <= self.width <= 8192 and 8 <= self.height <= 8192):
+            raise ValueError(f"camera device {self.name!r}: width and height must lie in [8, 8192]")
+        if not 1 <= self.fps <= 1000:
+            raise ValueError(f"camera device {self.name!r}: fps must lie in [1, 1000], got {self.fps}")
+        if self.exposure is not None and self.exposure <= 0:
+            raise ValueError(f"camera device {self.name!r}: exposure must be positive (or null for auto)")
+        if self.max_frame_age_ms <= 0:
+            raise ValueError(f"camera device {self.name!r}: max_frame_age_ms must be positive")
+        if self.max_stale_steps < 0:
+            raise ValueError(f"camera device {self.name!r}: max_stale_steps must be non-negative")
 
 
 @dataclass(frozen=True)
@@ -139,11 +205,162 @@ class PyBulletConfig:
     reset_joint_noise_rad: float = 0.0
 
 
+def _check_host(value: str, field_name: str) -> None:
+    """``value`` is empty, an IP address or a host name (no scheme, port, path or spaces)."""
+    if not value:
+        return
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    labels = value.split(".")
+    if not all(label and label[0].isalnum() and all(c.isalnum() or c == "-" for c in label) for label in labels):
+        raise ValueError(f"{field_name}: {value!r} is neither an IP address nor a host name")
+
+
+@dataclass(frozen=True)
+class RealArmResetConfig:
+    """How a real arm's reset pose is randomised each episode: uniform offsets of at most these
+    half-widths around ``robot.reset_xyz`` / ``robot.reset_yaw_rad`` (clipped to the safety box)."""
+
+    xyz_noise_m: Vec3 = (0.0, 0.0, 0.0)
+    yaw_noise_rad: float = 0.0
+
+    def validate(self) -> None:
+        if any(value < 0 for value in self.xyz_noise_m) or self.yaw_noise_rad < 0:
+            raise ValueError("xyz_noise_m and yaw_noise_rad must be non-negative")
+
+
+@dataclass(frozen=True)
+class FrankaConfig:
+    """A Franka Emika Panda / FR3 through franky (pip package franky-control); see
+    robot_server/backends/franka.py."""
+
+    # The arm's FCI address; required with backend 'franka'.
+    robot_ip: str = ""
+    # impedance: franky's CartesianImpedanceTrackingMotion, a compliant torque-mode controller that
+    #   tracks the newest target (contact-rich tasks, as in HIL-SERL).
+    # cartesian_motion: a new CartesianMotion per step on Franka's stiff Cartesian pose interface.
+    control: Literal["impedance", "cartesian_motion"] = "impedance"
+    # Scale in (0, 1] of the arm's velocity, acceleration and jerk limits, for every motion.
+    relative_dynamics_factor: float = 0.1
+    # A further scale (multiplied by the one above) of the move to the reset pose.
+    reset_dynamics_factor: float = 0.5
+    # Impedance control: spring stiffness towards the target (N/m, Nm/rad), critically damped.
+    translational_stiffness: float = 2000.0
+    rotational_stiffness: float = 150.0
+    # Impedance control: the pose error is clipped to this, so the largest spring force the arm
+    # builds up against an obstacle is about stiffness x clip (2000 N/m x 0.02 m = 40 N).
+    translational_error_clip_m: float = 0.02
+    rotational_error_clip_rad: float = 0.15
+    # Contact reflexes: a joint torque (Nm) or TCP force (N) above these stops the arm.
+    collision_torque_threshold_nm: float = 20.0
+    collision_force_threshold_n: float = 30.0
+    gripper: bool = True
+    gripper_speed_mps: float = 0.1
+    gripper_force_n: float = 40.0
+    gripper_max_width_m: float = 0.08
+    # A gripper command (0 open .. 1 closed) at or above this grasps, below it opens.
+    gripper_close_threshold: float = 0.5
+    reset: RealArmResetConfig = field(default_factory=RealArmResetConfig)
+
+    def validate(self) -> None:
+        _check_host(self.robot_ip, "robot_ip")
+        for name in ("relative_dynamics_factor", "reset_dynamics_factor"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.translational_stiffness <= 3000.0:
+            raise ValueError(f"translational_stiffness must lie in (0, 3000] N/m, got {self.translational_stiffness}")
+        if not 0.0 < self.rotational_stiffness <= 300.0:
+            raise ValueError(f"rotational_stiffness must lie in (0, 300] Nm/rad, got {self.rotational_stiffness}")
+        for name in ("translational_error_clip_m", "rotational_error_clip_rad", "collision_torque_threshold_nm",
+                     "collision_force_threshold_n", "gripper_speed_mps"):
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.gripper_force_n <= 140.0:
+            raise ValueError(f"gripper_force_n must lie in (0, 140] N, got {self.gripper_force_n}")
+        if not 0.0 < self.gripper_max_width_m <= 0.3:
+            raise ValueError(f"gripper_max_width_m must lie in (0, 0.3] m, got {self.gripper_max_width_m}")
+        if not 0.0 < self.gripper_close_threshold < 1.0:
+            raise ValueError(f"gripper_close_threshold must lie in (0, 1), got {self.gripper_close_threshold}")
+
+
+@dataclass(frozen=True)
+class URConfig:
+    """A Universal Robots arm (CB3, e-Series) through ur_rtde (pip package ur-rtde); see
+    robot_server/backends/ur.py. Poses are in the controller's base frame."""
+
+    # The controller's IP address; required with backend 'ur'.
+    robot_ip: str = ""
+    # servoL: stream pose targets (RTDEControlInterface.servoL). speedL: stream TCP velocities that
+    # close the pose error within one control period (RTDEControlInterface.speedL).
+    control: Literal["servoL", "speedL"] = "servoL"
+    # RTDE frequency (Hz) of the control and receive interfaces; 0: ur_rtde's default
+    # (500 Hz on e-Series, 125 Hz on CB3).
+    rtde_frequency_hz: float = 0.0
+    # servoL: how long each target controls the arm (s); 0: one control period.
+    servo_time_s: float = 0.0
+    # servoL: lookahead time (s, [0.03, 0.2]) smooths the trajectory; gain ([100, 2000]) is the
+    # proportional gain for following the target.
+    servo_lookahead_time_s: float = 0.1
+    servo_gain: float = 300.0
+    # servoL's velocity (m/s) and acceleration (m/s^2) arguments (unused by current ur_rtde versions,
+    # passed as documented).
+    servo_velocity_mps: float = 0.25
+    servo_acceleration_mps2: float = 0.5
+    # speedL: the largest commanded TCP speeds and the acceleration towards them.
+    speed_max_mps: float = 0.25
+    speed_max_radps: float = 1.0
+    speed_acceleration_mps2: float = 0.5
+    # hold: deceleration of servoStop / speedStop (m/s^2).
+    stop_deceleration_mps2: float = 10.0
+    # reset: the moveL to the reset pose.
+    reset_speed_mps: float = 0.1
+    reset_acceleration_mps2: float = 0.3
+    # The gripper: none, or one digital output of the controller (tool: pins 0-1, standard: 0-7)
+    # switching a pneumatic or simple electric gripper; other grippers plug into URArm(gripper=...).
+    gripper: Literal["none", "tool_digital_output", "standard_digital_output"] = "tool_digital_output"
+    gripper_pin: int = 0
+    # The output level that closes the gripper.
+    gripper_close_level: bool = True
+    gripper_max_width_m: float = 0.085
+    # A gripper command (0 open .. 1 closed) at or above this closes, below it opens.
+    gripper_close_threshold: float = 0.5
+    reset: RealArmResetConfig = field(default_factory=RealArmResetConfig)
+
+    def validate(self) -> None:
+        _check_host(self.robot_ip, "robot_ip")
+        if self.rtde_frequency_hz != 0.0 and not 1.0 <= self.rtde_frequency_hz <= 500.0:
+            raise ValueError(f"rtde_frequency_hz must be 0 (ur_rtde's default) or lie in [1, 500], got {self.rtde_frequency_hz}")
+        if self.servo_time_s < 0.0:
+            raise ValueError(f"servo_time_s must be non-negative (0: one control period), got {self.servo_time_s}")
+        if not 0.03 <= self.servo_lookahead_time_s <= 0.2:
+            raise ValueError(f"servo_lookahead_time_s must lie in [0.03, 0.2] (ur_rtde's range), got {self.servo_lookahead_time_s}")
+        if not 100.0 <= self.servo_gain <= 2000.0:
+            raise ValueError(f"servo_gain must lie in [100, 2000] (ur_rtde's range), got {self.servo_gain}")
+        for name in ("servo_velocity_mps", "servo_acceleration_mps2", "speed_max_mps", "speed_max_radps",
+                     "speed_acceleration_mps2", "stop_deceleration_mps2", "reset_speed_mps", "reset_acceleration_mps2"):
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        pins = {"tool_digital_output": 2, "standard_digital_output": 8}.get(self.gripper)
+        if pins is not None and not 0 <= self.gripper_pin < pins:
+            raise ValueError(f"gripper_pin must lie in [0, {pins - 1}] for gripper {self.gripper!r}, got {self.gripper_pin}")
+        if not 0.0 < self.gripper_max_width_m <= 0.3:
+            raise ValueError(f"gripper_max_width_m must lie in (0, 0.3] m, got {self.gripper_max_width_m}")
+        if not 0.0 < self.gripper_close_threshold < 1.0:
+            raise ValueError(f"gripper_close_threshold must lie in (0, 1), got {self.gripper_close_threshold}")
+
+
+REAL_ARM_BACKENDS = ("franka", "ur")
+
+
 @dataclass(frozen=True)
 class RobotConfig:
     """Everything the robot server needs to run the robot."""
 
-    backend: Literal["pybullet", "kinematic"] = "pybullet"
+    # pybullet, kinematic: simulated. franka (franky), ur (ur_rtde): real arms, see their sections.
+    backend: Literal["pybullet", "kinematic", "franka", "ur"] = "pybullet"
     reset_xyz: Vec3 = (0.50, 0.0, 0.25)
     reset_yaw_rad: float = 0.0
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -151,9 +368,30 @@ class RobotConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     cameras: tuple[CameraConfig, ...] = ()
+    # Physical cameras (real hardware path); cameras name them in their ``device`` field.
+    camera_devices: tuple[CameraDeviceConfig, ...] = ()
     pybullet: PyBulletConfig = field(default_factory=PyBulletConfig)
+    franka: FrankaConfig = field(default_factory=FrankaConfig)
+    ur: URConfig = field(default_factory=URConfig)
+
+    def _validate_real_arm(self) -> None:
+        """Rules of the real-arm backends: an address, the wall clock, cameras from devices."""
+        if self.backend not in REAL_ARM_BACKENDS:
+            return
+        section = self.franka if self.backend == "franka" else self.ur
+        if not section.robot_ip:
+            raise ValueError(f"{self.backend}.robot_ip: required with backend {self.backend!r} "
+                             "(the address of the arm's controller)")
+        if self.control.mode != "realtime":
+            raise ValueError(f"control.mode: backend {self.backend!r} is a real arm that moves on the wall "
+                             "clock; set control.mode: realtime")
+        for index, camera in enumerate(self.cameras):
+            if not camera.device:
+                raise ValueError(f"cameras[{index}].device: camera {camera.name!r} needs a device with "
+                                 f"backend {self.backend!r} (a real arm renders no images)")
 
     def validate(self) -> None:
+        self._validate_real_arm()
         low, high = self.safety.workspace_low, self.safety.workspace_high
         if not all(lo <= x <= hi for x, lo, hi in zip(self.reset_xyz, low, high)):
             raise ValueError(
@@ -162,6 +400,30 @@ class RobotConfig:
         names = [camera.name for camera in self.cameras]
         if len(set(names)) != len(names):
             raise ValueError(f"camera names must be unique, got {names}")
+        device_names = [device.name for device in self.camera_devices]
+        if len(set(device_names)) != len(device_names):
+            raise ValueError(f"camera_devices names must be unique, got {device_names}")
+        devices = {device.name: device for device in self.camera_devices}
+        for index, camera in enumerate(self.cameras):
+            if not camera.device:
+                continue
+            device = devices.get(camera.device)
+            if device is None:
+                known = ", ".join(device_names) or "none configured"
+                raise ValueError(f"cameras[{index}].device: {camera.device!r} is not an entry of "
+                                 f"camera_devices (known: {known})")
+            if camera.crop is not None:
+                x, y, crop_width, crop_height = camera.crop
+                if x + crop_width > device.width or y + crop_height > device.height:
+                    raise ValueError(
+                        f"cameras[{index}].crop: {camera.crop} (x, y, width, height) exceeds the "
+                        f"{device.width}x{device.height} capture of camera device {device.name!r}"
+                    )
+
+    @property
+    def simulated_cameras(self) -> tuple[CameraConfig, ...]:
+        """The cameras the backend renders itself (no ``device``)."""
+        return tuple(camera for camera in self.cameras if not camera.device)
 
 
 @dataclass(frozen=True)
@@ -240,6 +502,9 @@ class ImageEncoderConfig:
     kind: Literal["small_cnn", "pretrained"] = "small_cnn"
     pretrained_path: str = ""
     channels: int = 32
+    # One 3x3 convolution per entry, with that stride (DrQ/SERL: 2, 1, 1, 1). Larger strides cut
+    # the convolution cost roughly by their square (what a CPU-only learner needs).
+    strides: tuple[int, ...] = (2, 1, 1, 1)
     latent_dim: int = 64
     # How the small CNN's feature map becomes a vector. flatten (DrQ/SERL): every activation into
     # the projection; its weight grows with the image (about 20 MB per 128x128 camera).
@@ -254,6 +519,8 @@ class ImageEncoderConfig:
             raise ValueError("kind 'pretrained' needs pretrained_path")
         if self.latent_dim < 1 or self.channels < 1 or self.augment_pad < 0:
             raise ValueError("channels and latent_dim must be positive, augment_pad non-negative")
+        if not self.strides or not all(1 <= stride <= 4 for stride in self.strides):
+            raise ValueError(f"strides must be a non-empty list of values in [1, 4], got {list(self.strides)}")
 
 
 @dataclass(frozen=True)

@@ -88,19 +88,17 @@ class SpatialSoftmax(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """DrQ/SERL-style camera encoder: 4 3x3 convs (stride 2, 1, 1, 1) -> pooling (flatten or
-    spatial softmax) -> Linear -> LayerNorm -> tanh."""
+    """DrQ/SERL-style camera encoder: 3x3 convs (strides 2, 1, 1, 1 by default) -> pooling
+    (flatten or spatial softmax) -> Linear -> LayerNorm -> tanh."""
 
     def __init__(self, image_shape: tuple[int, int, int], channels: int, latent_dim: int,
-                 pooling: str = "flatten") -> None:
+                 pooling: str = "flatten", strides: tuple[int, ...] = (2, 1, 1, 1)) -> None:
         super().__init__()
         height, width, in_channels = image_shape
-        self.convs = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 3, stride=2), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=1), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=1), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=1), nn.ReLU(),
-        )
+        layers: list[nn.Module] = []
+        for index, stride in enumerate(strides):
+            layers += [nn.Conv2d(in_channels if index == 0 else channels, channels, 3, stride=stride), nn.ReLU()]
+        self.convs = nn.Sequential(*layers)
         with torch.no_grad():
             feature_map = self.convs(torch.zeros(1, in_channels, height, width))
         if pooling == "spatial_softmax":
@@ -178,7 +176,7 @@ class ObservationEncoder(nn.Module):
             image_shape = tuple(observation_space[key].shape)
             if image_config.kind == "small_cnn":
                 camera: nn.Module = SmallCNN(image_shape, image_config.channels, image_config.latent_dim,
-                                             image_config.pooling)
+                                             image_config.pooling, tuple(image_config.strides))
             else:
                 if frozen_backbones is not None and key in frozen_backbones:
                     backbone = frozen_backbones[key]

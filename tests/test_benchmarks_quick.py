@@ -56,3 +56,21 @@ def test_robot_link_quick(tmp_path: Path) -> None:
     assert set(results["targets"]) == set(TARGETS)
     assert all(isinstance(flag, bool) for flag in results["targets"].values())
     assert "PASS" in completed.stdout or "FAIL" in completed.stdout
+
+
+def test_learning_benchmark_quick(tmp_path: Path) -> None:
+    out, png = tmp_path / "learning.json", tmp_path / "curve.png"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--quick", "--demos", "2", "--compare-without-demos",
+         "--json", str(out), "--png", str(png)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    results = json.loads(out.read_text())
+    assert results["quick"] is True and set(results["variants"]) == {"demos", "no_demos"}
+    for name, variant in results["variants"].items():
+        assert variant["env_steps"] >= results["steps"], name
+        assert variant["curve"] and all(0.0 <= p["success_rate"] <= 1.0 for p in variant["curve"]), name
+        assert [p["env_steps"] for p in variant["curve"]] == sorted(p["env_steps"] for p in variant["curve"])
+        assert variant["final_eval"]["episodes"] == 3 and 0.0 <= variant["final_eval"]["success_rate"] <= 1.0
+        _positive_finite(variant["train_wall_s"], f"{name}.train_wall_s")
+    assert results["variants"]["demos"]["demos"] == 2 and results["variants"]["no_demos"]["demos"] == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -239,6 +239,12 @@ def test_spatial_softmax_finds_the_peak_and_keeps_published_weights_small() -> N
         assert math.isfinite(metrics["critic_loss"])
     assert sizes["flatten"] > 40e6 and sizes["spatial_softmax"] < 1e6, sizes
 
+    strided = SACAgent(SACConfig(**SMALL, image_encoder=ImageEncoderConfig(strides=(2, 2, 1), channels=8)),
+                       observation_space, action_space, seed=0)
+    convs = [m for m in strided.encoder.cameras["front"].convs if isinstance(m, nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (2, 2), (1, 1)]
+    assert len(strided.publish_policy()) < sizes["flatten"] / 10
+
 
 def test_pretrained_backbone_is_frozen_cached_per_minibatch_and_not_published(tmp_path) -> None:
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2))

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
+from pathlib import Path
 
 from hardware_configs.loader import ConfigError
 from hardware_configs.schema import DEFAULT_CONFIG, SessionConfig, load_config
@@ -119,6 +121,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = run_evaluation(config, args.checkpoint, args.episodes, env_id=args.env_id)
     print(f"success rate {result['success_rate']:.0%} over {result['episodes']} episodes "
           f"(mean return {result['mean_return']:.2f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
@@ -220,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_options(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     evaluate.add_argument("--episodes", type=int, default=50)
+    evaluate.add_argument("--json", help="also write the result to this JSON file")
     evaluate.set_defaults(handler=cmd_eval)
 
     demos = commands.add_parser(

@@ -1,0 +1,187 @@
+"""Learning benchmark: a seeded `steerl train` session, its evaluation curve, and a final
+50-episode evaluation — with and without scripted demos.
+
+For each variant it runs exactly what an operator runs (separate robot-server, learner and actor
+processes over loopback ZeroMQ)::
+
+    steerl record-demos --config CONFIG -n DEMOS --out WORK/demos          (demo variant only)
+    steerl train --config CONFIG --steps STEPS [--demos WORK/demos] --run-dir WORK/<variant>
+    steerl eval --config CONFIG --checkpoint WORK/<variant> --episodes EVAL_EPISODES
+
+and reports the periodic evaluation curve (success rate of ``actor.eval_episodes`` deterministic
+episodes every ``actor.eval_every_episodes`` episodes, from the run's summary.json), the final
+evaluation over ``--eval-episodes`` episodes, the wall time, and the first env step at which the
+periodic evaluation reached the target. The curves are drawn into a PNG with OpenCV.
+
+    python benchmarks/learning.py --config sim_panda_pick_cube --steps 30000 --compare-without-demos \\
+        --png benchmarks/results/learning_pick_cube.png --json benchmarks/results/learning_pick_cube.json
+
+``--quick`` shrinks everything to a smoke run (a few hundred steps; no learning is expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import machine_info, write_json  # noqa: E402
+from hardware_configs.schema import SessionConfig, load_config, save_config  # noqa: E402
+
+TARGET_SUCCESS = 0.9
+CURVE_COLOURS_BGR = {"demos": (40, 120, 220), "no_demos": (60, 160, 60)}
+
+
+def steerl(*arguments: str, log_path: Path) -> float:
+    """Run ``python -m tools.cli ARGUMENTS`` (output to ``log_path``); returns its wall time."""
+    started = time.monotonic()
+    with open(log_path, "ab") as log:
+        completed = subprocess.run([sys.executable, "-m", "tools.cli", "--log-level", "warning", *arguments],
+                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if completed.returncode != 0:
+        raise RuntimeError(f"steerl {arguments[0]} failed with code {completed.returncode}; see {log_path}")
+    return time.monotonic() - started
+
+
+def quick_config(config: SessionConfig) -> SessionConfig:
+    """A smoke-run variant: short episodes, early learning, frequent evaluation."""
+    task = dataclasses.replace(config.robot.task, max_episode_steps=30)
+    robot = dataclasses.replace(config.robot, task=task)
+    learner = dataclasses.replace(config.learner, learning_starts=100, checkpoint_every_updates=10_000)
+    actor = dataclasses.replace(config.actor, random_steps=100, eval_every_episodes=4, eval_episodes=2)
+    return dataclasses.replace(config, robot=robot, learner=learner, actor=actor)
+
+
+def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int, eval_episodes: int) -> dict[str, Any]:
+    run_dir = work / name
+    log_path = work / f"{name}.log"
+    demo_args: tuple[str, ...] = ()
+    if demos:
+        demo_dir = work / "demos"
+        if not demo_dir.exists():
+            steerl("record-demos", "--config", str(config_file), "-n", str(demos), "--out", str(demo_dir),
+                   log_path=log_path)
+        demo_args = ("--demos", str(demo_dir))
+    train_s = steerl("train", "--config", str(config_file), "--steps", str(steps), "--run-dir", str(run_dir),
+                     *demo_args, log_path=log_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evaluation_json = work / f"{name}_eval.json"
+    steerl("eval", "--config", str(config_file), "--checkpoint", str(run_dir), "--episodes", str(eval_episodes),
+           "--json", str(evaluation_json), log_path=log_path)
+    final = json.loads(evaluation_json.read_text())
+    curve = summary["eval_history"]
+    reached = next((point["env_steps"] for point in curve if point["success_rate"] >= TARGET_SUCCESS), None)
+    return {
+        "demos": demos,
+        "env_steps": summary["env_steps"],
+        "episodes": summary["episodes"],
+        "train_wall_s": round(train_s, 1),
+        "curve": curve,
+        "final_eval": final,
+        "first_step_at_target": reached,
+        "run_dir": str(run_dir),
+    }
+
+
+def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, path: Path) -> None:
+    """Success rate against env steps, one polyline per variant (OpenCV, no plotting library)."""
+    steps = max([steps] + [p["env_steps"] for result in variants.values() for p in result["curve"]])
+    width, height, left, right, top, bottom = 900, 560, 80, 30, 50, 110
+    image = np.full((height, width, 3), 255, np.uint8)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def to_pixel(step: float, rate: float) -> tuple[int, int]:
+        return int(left + plot_w * step / steps), int(top + plot_h * (1.0 - rate))
+
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for tick in np.linspace(0.0, 1.0, 6):
+        y = to_pixel(0, tick)[1]
+        cv2.line(image, (left, y), (width - right, y), (225, 225, 225), 1)
+        cv2.putText(image, f"{tick:.0%}", (left - 55, y + 5), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
+    for tick in np.linspace(0, steps, 7):
+        x = to_pixel(tick, 0.0)[0]
+        cv2.line(image, (x, top), (x, top + plot_h), (235, 235, 235), 1)
+        cv2.putText(image, f"{int(tick):,}", (x - 25, top + plot_h + 22), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
+    target_y = to_pixel(0, TARGET_SUCCESS)[1]
+    cv2.line(image, (left, target_y), (width - right, target_y), (160, 160, 160), 1, cv2.LINE_AA)
+    cv2.rectangle(image, (left, top), (left + plot_w, top + plot_h), (80, 80, 80), 1)
+    cv2.putText(image, "env steps", (width - right - 80, top + plot_h + 45), font, 0.55, (40, 40, 40), 1, cv2.LINE_AA)
+    cv2.putText(image, title, (left, 30), font, 0.6, (20, 20, 20), 1, cv2.LINE_AA)
+    for index, (name, result) in enumerate(variants.items()):
+        colour = CURVE_COLOURS_BGR.get(name, (120, 60, 160))
+        points = [to_pixel(0, 0.0)] + [to_pixel(p["env_steps"], p["success_rate"]) for p in result["curve"]]
+        cv2.polylines(image, [np.array(points, np.int32)], False, colour, 2, cv2.LINE_AA)
+        for point in points[1:]:
+            cv2.circle(image, point, 3, colour, -1, cv2.LINE_AA)
+        final = result["final_eval"]["success_rate"]
+        label = (f"{name}: final {final:.0%} over {result['final_eval']['episodes']} episodes, "
+                 f"{result['train_wall_s'] / 60:.0f} min")
+        cv2.putText(image, label, (left, top + plot_h + 50 + 22 * index), font, 0.5, colour, 1, cv2.LINE_AA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"could not write {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="sim_panda_pick_cube")
+    parser.add_argument("--steps", type=int, default=30_000)
+    parser.add_argument("--demos", type=int, default=20, help="scripted demos (0: none)")
+    parser.add_argument("--compare-without-demos", action="store_true", help="also run without demos")
+    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--work-dir", type=Path, help="where runs go (default: a temporary directory)")
+    parser.add_argument("--png", type=Path, help="write the curves here")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few hundred steps")
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config)
+    steps, eval_episodes = args.steps, args.eval_episodes
+    if args.quick:
+        config, steps, eval_episodes = quick_config(config), 300, 3
+    with tempfile.TemporaryDirectory(prefix="steerl-learning-") as scratch:
+        work = args.work_dir or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        config_file = save_config(config, work / f"{config.name}.yaml")
+        plan = {"demos": args.demos} if args.demos else {"no_demos": 0}
+        if args.compare_without_demos and args.demos:
+            plan["no_demos"] = 0
+        variants = {}
+        for name, demos in plan.items():
+            print(f"[{name}] training {config.name} for {steps} env steps ...", flush=True)
+            variants[name] = run_variant(name, config_file, work, steps, demos, eval_episodes)
+            result = variants[name]
+            print(f"[{name}] final success {result['final_eval']['success_rate']:.0%} over {eval_episodes} "
+                  f"episodes; {result['train_wall_s']:.0f} s; curve "
+                  + ", ".join(f"{p['env_steps']}:{p['success_rate']:.0%}" for p in result["curve"]), flush=True)
+        if args.png:
+            draw_curves(variants, steps, f"{config.name}: evaluation success (seed {config.seed})", args.png)
+            print(f"wrote {args.png}")
+    results = {
+        "machine": machine_info(),
+        "quick": args.quick,
+        "config": config.name,
+        "seed": config.seed,
+        "steps": steps,
+        "variants": variants,
+        "targets": {f"demos_final_ge_{TARGET_SUCCESS:.0%}": bool(
+            "demos" in variants and variants["demos"]["final_eval"]["success_rate"] >= TARGET_SUCCESS)},
+    }
+    write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

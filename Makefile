@@ -37,6 +37,7 @@ bench: install
 	$(PY) benchmarks/robot_link.py --json benchmarks/robot_link.json
 	$(PY) benchmarks/replay.py --json benchmarks/replay.json
 	$(PY) benchmarks/learner_throughput.py --json benchmarks/learner_throughput.json
+	$(PY) benchmarks/cameras.py --json benchmarks/cameras.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

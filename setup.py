@@ -43,6 +43,16 @@ setup(
             "grpcio-tools==1.85.1",
             # HTTP/JSON baseline of benchmarks/robot_link.py (shaped like SERL's Franka server).
             "flask>=3",
+            # The arm vendor libraries, pinned: tests/test_arm_backends.py checks the fakes the
+            # backend tests use against their exact API. Prebuilt Linux wheels (a few MB, no build;
+            # franky-control needs glibc >= 2.34); elsewhere those checks are skipped.
+            "franky-control==2.0.0; sys_platform == 'linux'",
+            "ur-rtde==1.6.5; sys_platform == 'linux'",
+        ],
+        # Real arms: robot.backend franka (franky) or ur (ur_rtde); imported only when chosen.
+        "hardware": [
+            "franky-control>=2.0,<3",
+            "ur-rtde>=1.6.5,<2",
         ],
     },
     entry_points={"console_scripts": ["steerl=tools.cli:main"]},

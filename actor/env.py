@@ -72,11 +72,12 @@ class InprocRobotLink:
 
     def step(self, action: np.ndarray) -> StepOutcome:
         from robot_server.cell import EpisodeNotStarted
+        from robot_server.backends import ArmFault
         from robot_server.safety import UnsafeAction
 
         try:
             result = self.cell.step(action)
-        except (UnsafeAction, EpisodeNotStarted) as error:
+        except (UnsafeAction, EpisodeNotStarted, ArmFault) as error:
             raise RobotLinkError(f"step refused by the robot cell: {error}") from None
         return StepOutcome(result.observation, result.reward, result.terminated, result.truncated, result.info)
 

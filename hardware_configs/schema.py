@@ -57,6 +57,10 @@ class ActionConfig:
     use_yaw: bool = False
     xyz_scale_m: float = 0.03
     yaw_scale_rad: float = 0.15
+    # continuous: the gripper entry is a closing fraction ((g + 1) / 2). binary: closed when g > 0,
+    # open otherwise, always with the full grasp force (a real parallel gripper's grasp/open; a
+    # policy's exploration noise around +1 then cannot loosen a grasp).
+    gripper: Literal["continuous", "binary"] = "continuous"
 
     def validate(self) -> None:
         if self.xyz_scale_m <= 0 or self.yaw_scale_rad <= 0:
@@ -332,11 +336,13 @@ class URConfig:
     def validate(self) -> None:
         _check_host(self.robot_ip, "robot_ip")
         if self.rtde_frequency_hz != 0.0 and not 1.0 <= self.rtde_frequency_hz <= 500.0:
-            raise ValueError(f"rtde_frequency_hz must be 0 (ur_rtde's default) or lie in [1, 500], got {self.rtde_frequency_hz}")
+            raise ValueError("rtde_frequency_hz must be 0 (ur_rtde's default) or lie in [1, 500], "
+                             f"got {self.rtde_frequency_hz}")
         if self.servo_time_s < 0.0:
             raise ValueError(f"servo_time_s must be non-negative (0: one control period), got {self.servo_time_s}")
         if not 0.03 <= self.servo_lookahead_time_s <= 0.2:
-            raise ValueError(f"servo_lookahead_time_s must lie in [0.03, 0.2] (ur_rtde's range), got {self.servo_lookahead_time_s}")
+            raise ValueError("servo_lookahead_time_s must lie in [0.03, 0.2] (ur_rtde's range), "
+                             f"got {self.servo_lookahead_time_s}")
         if not 100.0 <= self.servo_gain <= 2000.0:
             raise ValueError(f"servo_gain must lie in [100, 2000] (ur_rtde's range), got {self.servo_gain}")
         for name in ("servo_velocity_mps", "servo_acceleration_mps2", "speed_max_mps", "speed_max_radps",
@@ -345,7 +351,8 @@ class URConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         pins = {"tool_digital_output": 2, "standard_digital_output": 8}.get(self.gripper)
         if pins is not None and not 0 <= self.gripper_pin < pins:
-            raise ValueError(f"gripper_pin must lie in [0, {pins - 1}] for gripper {self.gripper!r}, got {self.gripper_pin}")
+            raise ValueError(f"gripper_pin must lie in [0, {pins - 1}] for gripper {self.gripper!r}, "
+                             f"got {self.gripper_pin}")
         if not 0.0 < self.gripper_max_width_m <= 0.3:
             raise ValueError(f"gripper_max_width_m must lie in (0, 0.3] m, got {self.gripper_max_width_m}")
         if not 0.0 < self.gripper_close_threshold < 1.0:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -30,6 +31,14 @@ from robot_server.backends import RobotBackend, make_backend
 from robot_server.safety import SafetyLayer
 from transport.spaces import FieldSpec, RobotSpaces
 
+if TYPE_CHECKING:
+    from robot_server.cameras import CameraRig
+
+log = logging.getLogger(__name__)
+
+# At start-up the cell waits this long for the first frame of every physical camera.
+CAMERA_START_TIMEOUT_S = 3.0
+
 # Config sections that both ends of a link must agree on.
 SHARED_SECTIONS = ("robot.control", "robot.action", "robot.task", "robot.cameras")
 
@@ -37,6 +46,10 @@ SHARED_SECTIONS = ("robot.control", "robot.action", "robot.task", "robot.cameras
 def config_section_hashes(config: SessionConfig) -> dict[str, str]:
     """A short hash per shared config section, compared in the handshake."""
     plain = to_dict(config)
+    # The client sees a camera as an image name and size; where the image comes from (simulator,
+    # which device, which crop) is the server's business, so a sim-built client fits a real cell.
+    plain["robot"]["cameras"] = [{key: camera[key] for key in ("name", "width", "height")}
+                                 for camera in plain["robot"]["cameras"]]
     hashes = {}
     for section in SHARED_SECTIONS:
         value = plain
@@ -79,15 +92,41 @@ class _Counters:
     missed_ticks: int = 0
     clipped_steps: int = 0
     refused_actions: int = 0
+    camera_faults: int = 0
 
 
 class RobotCell:
-    """A backend with safety, watchdog, clock and episode logic (see module docstring)."""
+    """A backend with safety, watchdog, clock and episode logic (see module docstring).
+
+    Physical cameras (``robot.camera_devices``) come from a :class:`~robot_server.cameras.CameraRig`
+    (built from the config unless ``camera_rig`` is given): their images join the observation, the
+    info carries ``camera/<name>/age_ms`` and ``camera/<name>/stale`` per camera and
+    ``camera_fault``. A camera stale for more than its device's ``max_stale_steps`` consecutive
+    observations is a camera fault: the step ends the episode (truncated), the arm is held, and
+    while the fault lasts a step never commands motion.
+    """
 
     def __init__(self, config: SessionConfig, backend: RobotBackend | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, camera_rig: CameraRig | None = None) -> None:
         self.config = config
         self.backend = backend if backend is not None else make_backend(config.robot)
+        self.camera_rig = camera_rig
+        if self.camera_rig is None and config.robot.camera_devices:
+            from robot_server.cameras import CameraRig
+
+            try:
+                self.camera_rig = CameraRig.from_robot_config(config.robot)
+            except BaseException:
+                self.backend.close()
+                raise
+        if self.camera_rig is not None:
+            missing = self.camera_rig.wait_for_first_frames(CAMERA_START_TIMEOUT_S)
+            if missing:
+                log.warning("camera devices %s delivered no frame within %.1f s", missing,
+                            CAMERA_START_TIMEOUT_S)
+        self._camera_stale_steps: dict[str, int] = {}
+        self._camera_info: dict[str, float] = {}
+        self._camera_fault = ""
         self.safety = SafetyLayer(config.robot)
         self.spaces = self._build_spaces()
         self.config_hashes = config_section_hashes(config)
@@ -115,12 +154,15 @@ class RobotCell:
         }
         for name, spec in backend.camera_specs().items():
             observation[f"images/{name}"] = spec
+        if self.camera_rig is not None:
+            for name, spec in self.camera_rig.camera_specs().items():
+                observation[f"images/{name}"] = spec
         observation.update(backend.task_observation_specs())
         action = FieldSpec("float32", (self.config.robot.action.dim,), -1.0, 1.0)
         return RobotSpaces(observation=observation, action=action)
 
     # -- observation --------------------------------------------------------------------------
-    def _observe(self) -> dict[str, np.ndarray]:
+    def _observe(self, count_stale: bool = True) -> dict[str, np.ndarray]:
         state = self.backend.read_state()
         fields = {
             "tcp_pose": np.concatenate([state.tcp_xyz, state.tcp_quat_xyzw]),
@@ -134,11 +176,35 @@ class RobotCell:
             observation[name] = np.clip(value, spec.low, spec.high).astype(np.float32)
         for name, frame in self.backend.read_cameras().items():
             observation[f"images/{name}"] = frame
+        if self.camera_rig is not None:
+            observation.update(self._observe_camera_rig(count_stale))
         return observation
+
+    def _observe_camera_rig(self, count_stale: bool) -> dict[str, np.ndarray]:
+        """Images of the physical cameras; refreshes their info and, for a control step
+        (``count_stale``), their consecutive stale counts and the camera fault."""
+        assert self.camera_rig is not None
+        images, health = self.camera_rig.read()
+        info: dict[str, float] = {}
+        faults = []
+        for name, camera in health.items():
+            if count_stale:
+                self._camera_stale_steps[name] = self._camera_stale_steps.get(name, 0) + 1 if camera.stale else 0
+            info[f"camera/{name}/age_ms"] = float(camera.age_ms)
+            info[f"camera/{name}/stale"] = float(camera.stale)
+            if self._camera_stale_steps.get(name, 0) > self.camera_rig.device_of(name).max_stale_steps:
+                faults.append(f"{name} ({camera.reason or 'recovering'})")
+        fault = "; ".join(faults)
+        if fault and fault != self._camera_fault:
+            log.warning("camera fault: %s", fault)
+        self._camera_fault = fault
+        info["camera_fault"] = float(bool(fault))
+        self._camera_info = info
+        return {f"images/{name}": image for name, image in images.items()}
 
     def observe(self) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
         """The current observation without commanding anything (observers, pre-flight)."""
-        return self._observe(), self._status_info(), self._clock()
+        return self._observe(count_stale=False), self._status_info(), self._clock()
 
     # -- watchdog -----------------------------------------------------------------------------
     def check_watchdog(self) -> float | None:
@@ -160,13 +226,17 @@ class RobotCell:
         self.backend.hold()
 
     def _status_info(self) -> dict[str, float]:
-        return {
+        info = {
             "episode_step": float(self._episode_step),
             "watchdog_trips": float(self.counters.watchdog_trips),
             "missed_ticks": float(self.counters.missed_ticks),
             "refused_actions": float(self.counters.refused_actions),
             "clipped_steps": float(self.counters.clipped_steps),
         }
+        if self.camera_rig is not None:
+            info["camera_faults"] = float(self.counters.camera_faults)
+            info.update(self._camera_info)
+        return info
 
     # -- episode ------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
@@ -203,7 +273,10 @@ class RobotCell:
         self._held_by_watchdog = False
 
         target, report = self.safety.target(action, self.backend.read_state())
-        self.backend.command(target)
+        if self._camera_fault:  # the last observation already showed a camera fault: no motion
+            self.backend.hold()
+        else:
+            self.backend.command(target)
         self._last_command_s = now
         self.backend.advance(self._period_s)
         if self._realtime:
@@ -226,6 +299,14 @@ class RobotCell:
             "safety/clipped_box": float(report.clipped_box),
         })
         observation = self._observe()
+        if self.camera_rig is not None:
+            info.update(self._status_info())  # counters and camera info of this observation
+            if self._camera_fault:
+                self.backend.hold()
+                self._episode_active = False
+                truncated = not terminated
+                self.counters.camera_faults += 1
+                info["camera_faults"] = float(self.counters.camera_faults)
         return StepResult(observation, float(signal.reward), terminated, truncated, info, self._clock())
 
     def _wait_for_tick(self, command_time_s: float) -> None:
@@ -239,3 +320,5 @@ class RobotCell:
     def close(self) -> None:
         self.backend.hold()
         self.backend.close()
+        if self.camera_rig is not None:
+            self.camera_rig.close()

@@ -10,7 +10,8 @@ Every action goes through three gates, in this order:
 3. **Workspace box** — ``target = measured_tcp + delta`` is clipped to
    ``[workspace_low, workspace_high]`` and the yaw to ``yaw_limits_rad``.
 
-The gripper entry is absolute: ``-1`` open, ``+1`` closed, mapped to a closing fraction in [0, 1].
+The gripper entry is absolute: ``-1`` open, ``+1`` closed, mapped to a closing fraction in [0, 1]
+(``action.gripper: continuous``) or to fully closed when positive, else open (``binary``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ class SafetyLayer:
         else:
             yaw = self._reset_yaw
 
-        gripper_closed = float((clipped[-1] + 1.0) / 2.0)
+        if self._action.gripper == "binary":
+            gripper_closed = 1.0 if clipped[-1] > 0.0 else 0.0
+        else:
+            gripper_closed = float((clipped[-1] + 1.0) / 2.0)
         return ArmTarget(xyz=xyz, yaw=yaw, gripper_closed=gripper_closed), SafetyReport(
             clipped_action, clipped_step, clipped_box
         )

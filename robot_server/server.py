@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 
 from hardware_configs.schema import SessionConfig
+from robot_server.backends import ArmFault
 from robot_server.cell import EpisodeNotStarted, RobotCell
 from robot_server.safety import UnsafeAction
 from transport import steerl_pb2 as pb
@@ -143,6 +144,10 @@ class RobotServer:
         except ProtocolError as error:
             log.warning("refused request %d from %s: %s", request_id, self._describe(identity), error)
             reply = error_envelope(request_id, error)
+        except ArmFault as error:  # the arm refused a command; the backend has already held it
+            log.error("arm fault serving %s: %s", self._describe(identity), error)
+            self.cell.hold()
+            reply = error_envelope(request_id, ProtocolError(pb.ERROR_INTERNAL, f"arm fault: {error}"))
         except Exception as error:  # a bug or backend failure must not take the server down
             log.exception("internal error serving %s", self._describe(identity))
             self.cell.hold()

@@ -74,3 +74,25 @@ def test_learning_benchmark_quick(tmp_path: Path) -> None:
         _positive_finite(variant["train_wall_s"], f"{name}.train_wall_s")
     assert results["variants"]["demos"]["demos"] == 2 and results["variants"]["no_demos"]["demos"] == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_camera_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "cameras.json"
+    completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cameras.py"), "--quick", "--json", str(out)],
+                               cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    results = json.loads(out.read_text())
+    assert results["quick"] is True
+    for key in ("cpu_model", "cpu_count", "python", "numpy", "pyrealsense2", "opencv", "date"):
+        assert results["machine"][key], f"machine.{key} missing"
+    for section in ("frame_age", "frame_age_since_receive", "driver_latency", "assembly", "step"):
+        for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "samples"):
+            _positive_finite(results[section][key], f"{section}.{key}")
+        assert results[section]["p50_ms"] <= results[section]["p99_ms"] <= results[section]["max_ms"]
+    assert results["setup"]["steps"] >= 20 and results["frame_age"]["samples"] == 2 * results["setup"]["steps"]
+    assert len(results["delivered_fps"]) == 2
+    for name, fps in results["delivered_fps"].items():
+        _positive_finite(fps, f"delivered_fps.{name}")
+    assert set(results["targets"]) == {"frame_age_p99_le_38.3ms", "assembly_p99_le_2ms"}
+    assert all(isinstance(flag, bool) for flag in results["targets"].values())
+    assert "PASS" in completed.stdout or "FAIL" in completed.stdout

@@ -97,6 +97,14 @@ def test_gripper_command_is_absolute() -> None:
     assert closed == pytest.approx(0.0) and half == pytest.approx(0.04)
 
 
+def test_binary_gripper_is_fully_closed_for_any_positive_command() -> None:
+    cell = _cell(action__gripper="binary")
+    cell.reset(seed=0)
+    widths = [cell.step(np.array([0, 0, 0, g], np.float32)).observation["gripper_width"][0]
+              for g in (0.2, 0.0, 0.9, -0.3)]
+    np.testing.assert_allclose(widths, [0.0, 0.08, 0.0, 0.08], atol=1e-6)
+
+
 def test_step_outside_an_episode_is_refused() -> None:
     cell = _cell(task__max_episode_steps=2)
     with pytest.raises(EpisodeNotStarted):

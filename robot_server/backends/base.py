@@ -49,6 +49,12 @@ class TaskSignal:
     success: bool = False
 
 
+class ArmFault(RuntimeError):
+    """The arm refused or failed a command: a vendor library error, a protective or emergency stop,
+    a lost connection. The backend raising it has already stopped the arm (held it where it is);
+    the message names the vendor call and its cause, and the robot server replies with it."""
+
+
 class RobotBackend(ABC):
     """A robot arm with its gripper and cameras, simulated or real."""
 

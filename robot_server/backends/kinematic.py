@@ -12,13 +12,8 @@ import numpy as np
 
 from hardware_configs.schema import RobotConfig
 from robot_server.backends.base import ArmState, ArmTarget, RobotBackend
+from robot_server.backends.orientation import tool_down_quaternion
 from transport.spaces import FieldSpec
-
-
-def _yaw_quaternion(yaw: float) -> np.ndarray:
-    """Tool pointing down (180 deg about x), then ``yaw`` about the vertical axis; (x, y, z, w)."""
-    half = yaw / 2.0
-    return np.array([np.cos(half), -np.sin(half), 0.0, 0.0])
 
 
 class KinematicArm(RobotBackend):
@@ -66,7 +61,7 @@ class KinematicArm(RobotBackend):
     def read_state(self) -> ArmState:
         return ArmState(
             tcp_xyz=self._xyz.copy(),
-            tcp_quat_xyzw=_yaw_quaternion(self._yaw),
+            tcp_quat_xyzw=tool_down_quaternion(self._yaw),
             tcp_yaw=self._yaw,
             tcp_linear_velocity=self._velocity.copy(),
             tcp_angular_velocity=np.zeros(3),

@@ -592,8 +592,11 @@ class LearnerConfig:
     # Observation fields the networks see; empty: every field of the robot's observation.
     observation_keys: tuple[str, ...] = ()
     replay_capacity: int = 200_000
-    # Share of each batch drawn from the demo buffer (when it holds data).
+    # Share of each batch drawn from demonstrations: the demo buffer and the operator's
+    # interventions together (when they hold data).
     demo_ratio: float = 0.5
+    # Capacity of the buffer of intervened transitions (HIL-SERL: they also count as demos).
+    intervention_capacity: int = 50_000
     # Online transitions before the first update.
     learning_starts: int = 500
     # Transitions in, weights out (the actor connects here).
@@ -610,6 +613,8 @@ class LearnerConfig:
             raise ValueError("demo_ratio must lie in [0, 1)")
         if self.replay_capacity < 1000:
             raise ValueError("replay_capacity must be at least 1000")
+        if self.intervention_capacity < 100:
+            raise ValueError("intervention_capacity must be at least 100")
 
 
 @dataclass(frozen=True)

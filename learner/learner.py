@@ -6,7 +6,10 @@ Loop (single-threaded, so the order of events is reproducible):
    then added to the online buffer — and weights out;
 2. once the online buffer holds ``learning_starts`` transitions, run one ``agent.update`` per
    environment step received (each update does ``utd_ratio`` critic steps), on batches that mix
-   the demo buffer and the online buffer ``demo_ratio : 1 - demo_ratio`` (RLPD);
+   demonstrations and the online buffer ``demo_ratio : 1 - demo_ratio`` (RLPD). A transition in
+   which the operator overrode the policy (``intervened``) goes to the online buffer *and* to the
+   intervention buffer (HIL-SERL); the demonstration share of a batch is split between the
+   recorded demos and the interventions in proportion to their sizes;
 3. every ``publish_every_updates`` updates publish the policy's weights; every
    ``checkpoint_every_updates`` write a checkpoint.
 
@@ -22,6 +25,7 @@ Run directory layout::
         learner.json            spaces, observation keys, counters, each actor's acknowledged point
         online/                 the online replay buffer (learner/replay.py format)
         demos/                  the demo buffer, when there is one
+        interventions/          operator-corrected transitions, when there are any
       tensorboard/              scalars for TensorBoard
 
 A checkpoint is written to ``ckpt-<n>.tmp`` and renamed into place, then ``latest`` is replaced
@@ -40,6 +44,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 
@@ -125,12 +130,14 @@ class Learner:
         self.agent: SACAgent | None = None
         self.online: ReplayBuffer | None = None
         self.demos: ReplayBuffer | None = None
+        self.interventions: ReplayBuffer | None = None
         self._demo_path = Path(demos) if demos else None
         self.updates = 0
         self._writer = None
         self._stop = threading.Event()
         self._checkpoint_requested = threading.Event()
         self._last_metrics: dict[str, float] = {}
+        self._rng = np.random.default_rng(config.seed)
         self.service = LearnerService(
             self.settings.address, TransitionLog(self.run_dir / "transition_log"),
             on_transition=self._add, on_episode=self._episode, on_spaces=self._build)
@@ -157,6 +164,8 @@ class Learner:
                               seed=self.config.seed)
         self.online = ReplayBuffer(observation_space, action_space.shape[0], self.settings.replay_capacity,
                                    seed=self.config.seed)
+        self.interventions = ReplayBuffer(observation_space, action_space.shape[0],
+                                          self.settings.intervention_capacity, seed=self.config.seed + 1)
         if self._demo_path is not None and self.demos is None:
             self.demos = ReplayBuffer.load(self._demo_path, observation_space)
             log.info("loaded %d demo transitions from %s", len(self.demos), self._demo_path)
@@ -168,9 +177,12 @@ class Learner:
         assert self.online is not None
         observation = {key: transition["observation"][key] for key in self.spaces.observation}
         next_observation = {key: transition["next_observation"][key] for key in self.spaces.observation}
-        self.online.add(observation, transition["action"], transition["reward"], next_observation,
-                        transition["terminated"], transition["truncated"], stream_id=stream_id,
-                        intervened=transition["intervened"])
+        fields = (observation, transition["action"], transition["reward"], next_observation,
+                  transition["terminated"], transition["truncated"])
+        self.online.add(*fields, stream_id=stream_id, intervened=transition["intervened"])
+        if transition["intervened"]:
+            assert self.interventions is not None
+            self.interventions.add(*fields, stream_id=stream_id, intervened=True)
 
     def _episode(self, actor_id: str, summary: pb.EpisodeSummary) -> None:
         writer = self.writer
@@ -192,12 +204,14 @@ class Learner:
     def _sample(self) -> Batch:
         assert self.online is not None
         sac = self.settings.sac
-        use_demos = self.demos is not None and len(self.demos) > 0
-        demo_rows = int(round(sac.batch_size * self.settings.demo_ratio)) if use_demos else 0
+        sources = [buffer for buffer in (self.demos, self.interventions) if buffer is not None and len(buffer)]
+        demo_rows = int(round(sac.batch_size * self.settings.demo_ratio)) if sources else 0
+        sizes = [len(buffer) for buffer in sources]
         parts = []
         for _ in range(sac.utd_ratio):
             if demo_rows:
-                parts.append(self.demos.sample(demo_rows))
+                counts = self._rng.multinomial(demo_rows, [size / sum(sizes) for size in sizes])
+                parts += [buffer.sample(int(count)) for buffer, count in zip(sources, counts) if count]
             parts.append(self.online.sample(sac.batch_size - demo_rows))
         return concatenate(parts)
 
@@ -281,6 +295,8 @@ class Learner:
         self.online.save(staging / "online")
         if self.demos is not None:
             self.demos.save(staging / "demos")
+        if self.interventions is not None and self.interventions.transitions_added:
+            self.interventions.save(staging / "interventions")
         meta = {
             "format": 1,
             "updates": self.updates,
@@ -336,6 +352,8 @@ class Learner:
         self.online = ReplayBuffer.load(directory / "online", self.spaces.observation_space())
         if (directory / "demos").exists():
             self.demos = ReplayBuffer.load(directory / "demos", self.spaces.observation_space())
+        if (directory / "interventions").exists():
+            self.interventions = ReplayBuffer.load(directory / "interventions", self.spaces.observation_space())
         self.service.restore_stream_table(meta["streams"])
         self.service.transitions_received = int(meta["transitions_received"])
         self.service.weights_version = int(meta["weights_version"])

@@ -153,3 +153,53 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog) -> 
 def test_eval_of_a_missing_checkpoint_names_the_path(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=str(tmp_path)):
         load_policy_from_checkpoint(_config(), tmp_path)
+
+
+def test_intervened_transitions_go_to_both_buffers_feed_the_demo_share_and_survive_a_checkpoint(tmp_path) -> None:
+    config = _config()
+    config = dataclasses.replace(config, learner=dataclasses.replace(
+        config.learner, learning_starts=10**6, demo_ratio=0.5, intervention_capacity=1000))
+    env = make_gym_env(ENV_ID, 30)
+    spaces = RobotSpaces.from_gym(env.observation_space, env.action_space)
+    learner = Learner(config, tmp_path / "run", spaces=spaces)
+    thread = threading.Thread(target=learner.run, daemon=True)
+    thread.start()
+    link = LearnerLink(config.learner.address, "operator-actor", spaces, load_policy=lambda blob: None)
+    try:
+        assert link.wait_for_hello(10) is not None
+        rng = np.random.default_rng(0)
+        observation, _ = env.reset(seed=0)
+        intervened_steps = 0
+        for step in range(60):
+            action = rng.uniform(-1, 1, 2).astype(np.float32)
+            next_observation, reward, terminated, truncated, _ = env.step(action)
+            intervened = step % 3 == 0
+            intervened_steps += intervened
+            link.submit(0, step, observation, action, reward, next_observation, terminated, truncated,
+                        intervened=intervened)
+            observation = next_observation
+            if terminated or truncated:
+                break
+        assert link.flush(20)
+        deadline = time.monotonic() + 10
+        while len(learner.online or ()) < step + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        link.close()
+        learner.stop()
+        thread.join(30)
+    assert len(learner.online) == step + 1
+    assert len(learner.interventions) == intervened_steps
+    assert learner.interventions.sample(64).intervened.all()
+
+    # The demo share of every minibatch comes from the interventions (no recorded demos here).
+    batch = learner._sample()
+    sac = config.learner.sac
+    assert len(batch) == sac.batch_size * sac.utd_ratio
+    assert batch.intervened.sum() >= sac.batch_size * sac.utd_ratio // 2
+
+    restored = Learner(config, tmp_path / "run", resume=True)
+    try:
+        assert len(restored.interventions) == intervened_steps
+    finally:
+        restored.close()

@@ -267,10 +267,10 @@ def test_dense_reward_is_a_weighted_shaping_term(make_cell) -> None:
     state = reset(cell, 4)
     goal = cell.read_task_observation()["task/goal_xyz"].astype(np.float64)
     distance = np.linalg.norm(state.tcp_xyz - goal)
-    expected = -weight * min(distance / 0.3, 1.0)
+    expected = -weight * np.tanh(distance / 0.1)
     assert cell.task_signal().reward == pytest.approx(expected, abs=1e-6)
     move_to(cell, goal)
-    assert 1.0 - weight * 0.1 < cell.task_signal().reward <= 1.0
+    assert 1.0 - weight * np.tanh(0.3) < cell.task_signal().reward <= 1.0  # within the 3 cm tolerance
 
 
 def grasp_cube(cell: PyBulletCell, close: float) -> None:

@@ -8,6 +8,7 @@
     steerl record-demos --config FILE -n N record scripted-expert demonstrations
     steerl rollout --config FILE           drive the robot with a scripted or random policy
     steerl keys generate --dir DIR --name NAME   make a CURVE key pair
+    steerl check --config FILE             pre-flight: reach and measure every device, no motion
 
 ``--config`` takes a YAML path or the name of a bundled config (``sim_panda_reach``,
 ``sim_panda_pick_cube``). ``steerl COMMAND --help`` explains each command.
@@ -145,6 +146,27 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tools.preflight import config_error_report, print_report, run_preflight
+
+    if not args.measure_s > 0:
+        print(f"steerl check: --measure-s must be positive, got {args.measure_s}", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"steerl: config error: {error}", file=sys.stderr)
+        report = config_error_report(args.config, error)
+    else:
+        report = run_preflight(config, measure_s=args.measure_s)
+    print_report(report, Console())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steerl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     demos.add_argument("--keep-failures", action="store_true", help="keep unsuccessful episodes too")
     demos.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std added to the expert's actions")
     demos.set_defaults(handler=cmd_record_demos)
+
+    check = commands.add_parser(
+        "check", help="pre-flight check: reach every device of a config and measure it, before any motion",
+        description="Connect to the arm and every camera device of the config without moving anything "
+                    "(no reset, no command), and report as a table: the workspace box against the reset "
+                    "pose and its randomisation, the arm's state and TCP, each camera's delivered fps and "
+                    "frame age, the control-loop jitter at robot.control.rate_hz, the CURVE key files and "
+                    "the learner address. Exit status 0 when no check fails, 1 otherwise.")
+    check.add_argument("--config", required=True, help="YAML file or bundled config name")
+    check.add_argument("--measure-s", type=float, default=2.0,
+                       help="seconds of camera and control-loop measurement (default 2)")
+    check.add_argument("--json", help="also write the report to this JSON file")
+    check.set_defaults(handler=cmd_check)
 
     keys = commands.add_parser("keys", help="manage CURVE keys",
                                description="Manage the CURVE keys that authenticate robot links.")

@@ -23,12 +23,15 @@ Tasks (``config.task.name``) and rewards
     ``reach``      A goal point, shown as a small green sphere without collision, sampled uniformly
                    within +-``randomise_xy_m`` of (0.55, 0.0) in x and y at z = 0.15 (clipped to
                    the workspace box). Success: TCP within ``reach_tolerance_m`` of the goal.
-                   Shaping: ``-min(distance / 0.3, 1)``.
+                   Shaping: ``-tanh(distance / 0.1)``.
     ``pick_cube``  A 4 cm, 50 g red cube on the table at (0.55, 0.0) +- ``randomise_xy_m`` with a
                    random yaw. Success: the cube's bottom is more than ``lift_height_m`` above
                    the table and its centre within 3 cm of the TCP (held between the fingers).
-                   Shaping: ``-(0.5 * min(d / 0.3, 1) + 0.5 * (1 - min(lift / lift_height_m, 1)))``
+                   Shaping: ``-(0.5 * tanh(d / 0.1) + 0.5 * (1 - min(lift / lift_height_m, 1)))``
                    with d the TCP-to-cube distance and lift the height of the cube's bottom.
+
+    The distance term saturates beyond about 20 cm and is steepest close to the target, where the
+    last centimetres of alignment decide a grasp (a linear term gives those almost no signal).
 
     Reward = ``float(success) + task.dense_reward_weight * shaping`` (shaping in [-1, 0]).
     With ``task.privileged_state`` the observation gains ``task/goal_xyz`` (reach) or
@@ -96,7 +99,7 @@ CUBE_HALF_SIZE = 0.02
 CUBE_MASS_KG = 0.05
 CUBE_FRICTION = 1.0
 CUBE_HELD_RADIUS_M = 0.03
-SHAPING_DISTANCE_M = 0.3
+SHAPING_DISTANCE_M = 0.1
 
 POSITION_BOUND = 2.0
 
@@ -256,7 +259,7 @@ class _ReachTask:
 
     def evaluate(self, tcp_xyz: np.ndarray) -> tuple[bool, float]:
         distance = float(np.linalg.norm(tcp_xyz - self.goal))
-        return distance <= self._task.reach_tolerance_m, -min(distance / SHAPING_DISTANCE_M, 1.0)
+        return distance <= self._task.reach_tolerance_m, -math.tanh(distance / SHAPING_DISTANCE_M)
 
     def observation_specs(self) -> dict[str, FieldSpec]:
         return {"task/goal_xyz": FieldSpec("float32", (3,), -POSITION_BOUND, POSITION_BOUND)}
@@ -314,7 +317,7 @@ class _PickCubeTask:
         lifted = lift > self._task.lift_height_m
         success = lifted and distance <= CUBE_HELD_RADIUS_M
         lift_fraction = min(lift / self._task.lift_height_m, 1.0)
-        shaping = -(0.5 * min(distance / SHAPING_DISTANCE_M, 1.0) + 0.5 * (1.0 - lift_fraction))
+        shaping = -(0.5 * math.tanh(distance / SHAPING_DISTANCE_M) + 0.5 * (1.0 - lift_fraction))
         return success, shaping
 
     def observation_specs(self) -> dict[str, FieldSpec]:

@@ -21,7 +21,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_data={"hardware_configs": ["*.yaml"], "transport": ["*.proto"]},
+    package_data={"hardware_configs": ["*.yaml", "teleop/*.yaml"], "transport": ["*.proto"]},
     install_requires=[
         "numpy>=1.26",
         "torch>=2.13",
@@ -35,6 +35,9 @@ setup(
         "safetensors>=0.4",
         "rich>=13",
         "tensorboard>=2.14",
+        # Teleop devices (actor/teleop.py): gamepads through pygame's joystick API, SpaceMouse raw HID.
+        "pygame>=2.5",
+        "hidapi>=0.14",
     ],
     extras_require={
         "dev": [

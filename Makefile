@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= sim_panda_pick_cube
-STEPS ?= 20000
+STEPS ?= 30000
 DEMOS ?= demos/$(CONFIG)
 RUN_DIR ?= runs/$(CONFIG)
 # The CPU wheel of torch lies on the development machines' disk; elsewhere pip fetches this version.

@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +66,26 @@ def quick_config(config: SessionConfig) -> SessionConfig:
     return dataclasses.replace(config, robot=robot, learner=learner, actor=actor)
 
 
+def free_loopback_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def with_own_ports(config: SessionConfig) -> SessionConfig:
+    """The config on fresh loopback ports, so that variants can train side by side."""
+    robot_address, learner_address = free_loopback_address(), free_loopback_address()
+    return dataclasses.replace(
+        config, server=dataclasses.replace(config.server, address=robot_address),
+        env=dataclasses.replace(config.env, address=robot_address),
+        learner=dataclasses.replace(config.learner, address=learner_address))
+
+
 def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int, eval_episodes: int) -> dict[str, Any]:
+    """Train one variant (with the demos in ``work/demos`` when ``demos``), then evaluate it."""
     run_dir = work / name
     log_path = work / f"{name}.log"
-    demo_args: tuple[str, ...] = ()
-    if demos:
-        demo_dir = work / "demos"
-        if not demo_dir.exists():
-            steerl("record-demos", "--config", str(config_file), "-n", str(demos), "--out", str(demo_dir),
-                   log_path=log_path)
-        demo_args = ("--demos", str(demo_dir))
+    demo_args = ("--demos", str(work / "demos")) if demos else ()
     train_s = steerl("train", "--config", str(config_file), "--steps", str(steps), "--run-dir", str(run_dir),
                      *demo_args, log_path=log_path)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -139,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="sim_panda_pick_cube")
     parser.add_argument("--steps", type=int, default=30_000)
     parser.add_argument("--demos", type=int, default=20, help="scripted demos (0: none)")
+    parser.add_argument("--demo-noise", type=float, default=0.0,
+                        help="Gaussian noise on the expert's motion while recording (it corrects itself)")
     parser.add_argument("--compare-without-demos", action="store_true", help="also run without demos")
     parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--parallel", action="store_true",
+                        help="train the variants side by side (wall times then include the contention)")
     parser.add_argument("--work-dir", type=Path, help="where runs go (default: a temporary directory)")
     parser.add_argument("--png", type=Path, help="write the curves here")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -154,18 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="steerl-learning-") as scratch:
         work = args.work_dir or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        config_file = save_config(config, work / f"{config.name}.yaml")
         plan = {"demos": args.demos} if args.demos else {"no_demos": 0}
         if args.compare_without_demos and args.demos:
             plan["no_demos"] = 0
-        variants = {}
-        for name, demos in plan.items():
+        if args.demos:
+            # Recorded once, before the variants start, so that a parallel run cannot race on it.
+            steerl("record-demos", "--config", str(save_config(config, work / "record.yaml")), "-n", str(args.demos),
+                   "--out", str(work / "demos"), "--noise", str(args.demo_noise), log_path=work / "demos.log")
+
+        def train(name: str) -> dict[str, Any]:
+            config_file = save_config(with_own_ports(config), work / f"{name}.yaml")
             print(f"[{name}] training {config.name} for {steps} env steps ...", flush=True)
-            variants[name] = run_variant(name, config_file, work, steps, demos, eval_episodes)
-            result = variants[name]
+            result = run_variant(name, config_file, work, steps, plan[name], eval_episodes)
             print(f"[{name}] final success {result['final_eval']['success_rate']:.0%} over {eval_episodes} "
                   f"episodes; {result['train_wall_s']:.0f} s; curve "
                   + ", ".join(f"{p['env_steps']}:{p['success_rate']:.0%}" for p in result["curve"]), flush=True)
+            return result
+
+        with ThreadPoolExecutor(max_workers=len(plan) if args.parallel else 1) as pool:
+            variants = dict(zip(plan, pool.map(train, plan)))
         if args.png:
             draw_curves(variants, steps, f"{config.name}: evaluation success (seed {config.seed})", args.png)
             print(f"wrote {args.png}")
@@ -175,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": config.name,
         "seed": config.seed,
         "steps": steps,
+        "demo_noise": args.demo_noise,
+        "parallel": args.parallel,
         "variants": variants,
         "targets": {f"demos_final_ge_{TARGET_SUCCESS:.0%}": bool(
             "demos" in variants and variants["demos"]["final_eval"]["success_rate"] >= TARGET_SUCCESS)},

@@ -61,7 +61,7 @@ def test_robot_link_quick(tmp_path: Path) -> None:
 def test_learning_benchmark_quick(tmp_path: Path) -> None:
     out, png = tmp_path / "learning.json", tmp_path / "curve.png"
     completed = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--quick", "--demos", "2", "--compare-without-demos",
+        [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--quick", "--demos", "2", "--compare-without-demos", "--parallel",
          "--json", str(out), "--png", str(png)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
     results = json.loads(out.read_text())

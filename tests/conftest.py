@@ -11,6 +11,8 @@ from typing import Iterator
 import pytest
 
 from hardware_configs.schema import CameraConfig, SessionConfig, load_config
+from robot_server.backends import RobotBackend
+from robot_server.cell import RobotCell
 from robot_server.server import RobotServer
 
 
@@ -47,9 +49,9 @@ def configure(base: str = "sim_panda_reach", *, backend: str | None = None, came
 
 
 @contextmanager
-def running_server(config: SessionConfig) -> Iterator[RobotServer]:
-    """A RobotServer serving ``config`` on a background thread, stopped on exit."""
-    server = RobotServer(config)
+def running_server(config: SessionConfig, backend: RobotBackend | None = None) -> Iterator[RobotServer]:
+    """A RobotServer serving ``config`` (on ``backend`` when given) on a background thread, stopped on exit."""
+    server = RobotServer(config, cell=RobotCell(config, backend=backend) if backend is not None else None)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -15,9 +15,7 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
@@ -29,7 +27,7 @@ import yaml
 import fake_franky
 import fake_ur_rtde
 from actor.env import RobotLinkError, make_env
-from conftest import free_tcp_address
+from conftest import free_tcp_address, running_server
 from fake_arm import quat_from_rotvec
 from hardware_configs.loader import ConfigError, to_dict
 from hardware_configs.schema import CONFIG_DIR, ControlConfig, ServerConfig, SessionConfig, load_config
@@ -49,7 +47,6 @@ from robot_server.backends.ur import (
     tool_down_rotvec,
 )
 from robot_server.cell import RobotCell, config_section_hashes
-from robot_server.server import RobotServer
 
 FRANKA_EXAMPLE = "franka_realsense_example"
 UR_EXAMPLE = "ur5e_example"
@@ -125,20 +122,6 @@ def fake_arm(config: SessionConfig) -> FakeArm:
 def action(config: SessionConfig, xyz=(0.0, 0.0, 0.0), yaw: float = 0.0, gripper: float = -1.0) -> np.ndarray:
     values = [*xyz, yaw, gripper] if config.robot.action.use_yaw else [*xyz, gripper]
     return np.asarray(values, dtype=np.float32)
-
-
-@contextmanager
-def serving(config: SessionConfig, backend: RobotBackend | None = None) -> Iterator[RobotServer]:
-    """A RobotServer for ``config`` (on ``backend`` when given) on a background thread."""
-    server = RobotServer(config, cell=RobotCell(config, backend=backend) if backend is not None else None)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "robot server did not stop"
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
@@ -429,7 +412,7 @@ def test_gripper_commands_follow_the_threshold(backend: str) -> None:
 def test_server_replies_with_the_arm_fault_and_keeps_serving(backend: str, control: str) -> None:
     config = real_config(backend, control)
     arm = fake_arm(config)
-    with serving(config, arm.backend) as server:
+    with running_server(config, arm.backend) as server:
         env = make_env(config, client_name="arm-fault-test")
         env.reset(seed=0)
         env.step(action(config, xyz=(1.0, 0.0, 0.0)))
@@ -455,7 +438,7 @@ def test_same_actor_code_drives_the_franka_fake_and_pybullet() -> None:
     assert config_section_hashes(sim) == config_section_hashes(real)
 
     def drive(server_config: SessionConfig, backend: RobotBackend | None) -> tuple[Any, np.ndarray]:
-        with serving(server_config, backend):
+        with running_server(server_config, backend):
             env = make_env(dataclasses.replace(sim, env=server_config.env), client_name="actor")
             observation, _ = env.reset(seed=0)
             start = observation["tcp_pose"][:3].copy()

@@ -6,21 +6,43 @@ then the newest policy the learner published), steps the env, and hands the tran
 swapped in between steps. Every ``actor.eval_every_episodes`` episodes it runs
 ``actor.eval_episodes`` deterministic evaluation episodes (also shipped as data, marked as
 evaluation in their summaries, and counted in ``env_steps``: every step the robot took is).
+
+Human in the loop: when a teleop device overrides the policy (the env is wrapped in an
+:class:`~actor.intervention.InterventionWrapper`), the transition carries the action the robot
+EXECUTED (``info["executed_action"]``), flagged ``intervened``, and each episode's intervention rate
+(intervened steps / steps) goes into :class:`ActingStats` and the learner's ``EpisodeSummary``.
+Operator events (mark success or failure, re-record, pause, emergency stop, resume) come from
+``info["operator_events"]`` and from reading the device directly before every step, after every
+reset and while paused; :mod:`actor.operator` lists exactly what each one does. In short: a success
+mark stores the last step as terminal with reward ``SUCCESS_REWARD`` (1.0) and ends the episode; a
+failure mark stores it truncated and ends it; a re-record discards the episode (the learner drops
+its transitions, the statistics leave it out); a pause stops stepping (the server's watchdog holds
+the arm), cutting the episode if it outlasted the watchdog; an emergency stop latches a hold on the
+robot server at once and the loop sends nothing until resume. The last step of an episode is held
+back until the next step begins (or the episode ends), so that a label can still apply to it.
+
+``--save-videos`` (:class:`~actor.video.EpisodeVideoRecorder`): every N-th episode's camera images
+are written as MP4 files, from the observations the loop already has.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from actor.env import RobotEnv
+from actor.env import RobotEmergencyStopped, RobotEnv
+from actor.intervention import find_intervention_wrapper
 from actor.learner_link import LearnerLink
+from actor.operator import SUCCESS_REWARD, EpisodeEnd, OperatorControl, OperatorState, find_teleop_device
+from actor.teleop import TeleopDevice
+from actor.video import EpisodeVideoRecorder
 from hardware_configs.schema import SessionConfig
 from transport import steerl_pb2 as pb
 
@@ -41,6 +63,17 @@ class ActingStats:
     eval_history: list[dict[str, float]] = field(default_factory=list)
     steps_per_s: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
+    # Share of each recent episode's steps the operator controlled.
+    recent_intervention_rates: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    # The episode running now: its number, steps and return so far.
+    episode: int = 0
+    episode_step: int = 0
+    episode_return: float = 0.0
+    # running / paused / e-stopped (OperatorState values).
+    operator_state: str = "running"
+    # Episodes ended by the operator: success / failure marks, re-recorded (discarded), interrupted.
+    operator_ends: collections.Counter = field(default_factory=collections.Counter)
+    discarded_episodes: int = 0
 
     @property
     def success_rate(self) -> float:
@@ -50,18 +83,69 @@ class ActingStats:
     def mean_return(self) -> float:
         return float(np.mean(self.recent_returns)) if self.recent_returns else 0.0
 
+    @property
+    def intervention_rate(self) -> float:
+        """Mean share of intervened steps over the recent episodes."""
+        return float(np.mean(self.recent_intervention_rates)) if self.recent_intervention_rates else 0.0
+
+
+@dataclass
+class EpisodeOutcome:
+    """How the last episode ended (:attr:`ActingLoop.last_episode`)."""
+
+    episode: int
+    episode_return: float
+    length: int
+    success: bool
+    interventions: int
+    discarded: bool = False
+    # Set when the operator ended it (success / failure mark, re-record, interruption).
+    ended_by: EpisodeEnd | None = None
+
+    @property
+    def intervention_rate(self) -> float:
+        return self.interventions / self.length if self.length else 0.0
+
+
+@dataclass
+class _HeldStep:
+    """An executed step not shipped yet (a label may still change it)."""
+
+    step: int
+    observation: dict[str, np.ndarray]
+    action: np.ndarray
+    reward: float
+    next_observation: dict[str, np.ndarray]
+    terminated: bool
+    truncated: bool
+    intervened: bool
+
+    @property
+    def done(self) -> bool:
+        return self.terminated or self.truncated
+
 
 class ActingLoop:
     """Runs episodes on ``env`` with the learner's newest policy (see module docstring)."""
 
     def __init__(self, config: SessionConfig, env: RobotEnv, link: LearnerLink | None,
-                 observation_keys: tuple[str, ...], first_episode: int = 0) -> None:
+                 observation_keys: tuple[str, ...], first_episode: int = 0,
+                 teleop: TeleopDevice | None = None, video: EpisodeVideoRecorder | None = None) -> None:
+        """``teleop``: the device read directly between steps (default: the device of an
+        InterventionWrapper around ``env``); ``video``: saves every N-th episode's camera images."""
         self.config = config
         self.env = env
         self.link = link
         self.keys = observation_keys or tuple(env.observation_space.spaces)
         self.policy: Any = None
         self.stats = ActingStats()
+        self.video = video
+        self.operator = OperatorControl(teleop if teleop is not None else find_teleop_device(env), env,
+                                        watchdog_s=config.robot.safety.watchdog_ms / 1000.0)
+        self.last_episode: EpisodeOutcome | None = None
+        # Called with the stats during long episodes and while paused (set by run()).
+        self.on_progress: Callable[[ActingStats], None] | None = None
+        self._last_report = 0.0
         self._episode = first_episode
         self._rng = np.random.default_rng(config.seed)
         env.action_space.seed(config.seed)
@@ -82,34 +166,144 @@ class ActingLoop:
             return self.env.action_space.sample()
         return np.asarray(self.policy.act(self._select(observation), deterministic=deterministic), dtype=np.float32)
 
-    def run_episode(self, deterministic: bool = False) -> tuple[float, int, bool]:
-        """One episode; returns (return, length, success)."""
-        observation, _ = self.env.reset(seed=int(self._rng.integers(2**31)))
-        episode_return, length, info = 0.0, 0, {}
+    # -- operator plumbing --------------------------------------------------------------------
+    def _report(self, state: OperatorState | None = None, force: bool = False) -> None:
+        """Refresh the stats the progress line shows and call ``on_progress`` (at most 4 times a second)."""
+        self.stats.operator_state = (state or self.operator.state).value
+        now = time.monotonic()
+        if self.on_progress is not None and (force or state is not None or now - self._last_report >= 0.25):
+            self._last_report = now
+            self.on_progress(self.stats)
+
+    def _reset(self) -> dict[str, np.ndarray]:
+        """Wait out a pause or stop (events between episodes apply here), then reset the robot."""
         while True:
+            self.operator.poll()
+            self.operator.service(episode_running=False, steps_taken=0, report=self._report)
+            try:
+                observation, _ = self.env.reset(seed=int(self._rng.integers(2**31)))
+            except RobotEmergencyStopped as error:
+                self.operator.robot_refused(str(error))
+                continue
+            self.operator.begin_episode()
+            self.operator.poll()  # events that arrived during the reset are applied before the first step
+            self.stats.episode, self.stats.episode_step, self.stats.episode_return = self._episode, 0, 0.0
+            if self.video is not None:
+                self.video.begin(self._episode)
+                self.video.add(observation)
+            return observation
+
+    def _ship(self, held: _HeldStep) -> None:
+        if self.link is not None:
+            self.link.submit(self._episode, held.step, self._select(held.observation), held.action, held.reward,
+                             self._select(held.next_observation), held.terminated, held.truncated,
+                             intervened=held.intervened)
+
+    # -- episodes -----------------------------------------------------------------------------
+    def run_episode(self, deterministic: bool = False) -> tuple[float, int, bool]:
+        """One episode; returns (return, length, success). How operator events end or pause it:
+        see the module docstring; :attr:`last_episode` has the details (discarded, ended_by)."""
+        observation = self._reset()
+        episode_return, length, interventions, info = 0.0, 0, 0, {}
+        held: _HeldStep | None = None
+        while True:
+            self.operator.poll()
+            end = self.operator.service(episode_running=True, steps_taken=length, report=self._report)
+            if end is EpisodeEnd.INTERRUPTED and held is None:
+                observation = self._reset()  # no step taken yet: just start over
+                continue
+            if held is not None and held.done:
+                if end is EpisodeEnd.INTERRUPTED:
+                    end = None  # the task had ended it already; the wait changed nothing
+                break
+            if end is not None:
+                break
             self._swap_policy()
             action = self._action(observation, deterministic)
-            next_observation, reward, terminated, truncated, info = self.env.step(action)
-            if self.link is not None:
-                self.link.submit(self._episode, length, self._select(observation), action, reward,
-                                 self._select(next_observation), terminated, truncated)
+            try:
+                next_observation, reward, terminated, truncated, info = self.env.step(action)
+            except RobotEmergencyStopped as error:  # stopped by someone else: nothing moved
+                self.operator.robot_refused(str(error))
+                continue
+            self.operator.note_command()
+            if held is not None:  # the episode went on past it: no label can change it any more
+                self._ship(held)
+            executed = np.asarray(info.get("executed_action", action), dtype=np.float32)
+            intervened = bool(info.get("intervened", 0.0))
+            self.operator.receive(info.get("operator_events", ()))
+            held = _HeldStep(length, observation, executed, float(reward), next_observation, bool(terminated),
+                             bool(truncated), intervened)
             episode_return += reward
             length += 1
+            interventions += intervened
             self.stats.env_steps += 1  # evaluation steps too: they reach the learner as data
+            self.stats.episode_step, self.stats.episode_return = length, episode_return
+            if self.video is not None:
+                self.video.add(next_observation)
             observation = next_observation
-            if terminated or truncated:
-                break
+            self._report()
+        return self._finish(held, end, episode_return, length, interventions, info, deterministic)
+
+    def _finish(self, held: _HeldStep | None, end: EpisodeEnd | None, episode_return: float, length: int,
+                interventions: int, info: dict, deterministic: bool) -> tuple[float, int, bool]:
+        """Apply the operator's label to the held last step, ship it and the episode summary."""
         success = bool(info.get("success", 0.0))
+        discarded = end is EpisodeEnd.DISCARD
+        if held is not None and not discarded:
+            if end is EpisodeEnd.SUCCESS:
+                episode_return += SUCCESS_REWARD - held.reward
+                held.reward, held.terminated, held.truncated = SUCCESS_REWARD, True, False
+                success = True
+            elif end is EpisodeEnd.FAILURE:
+                held.truncated, success = True, False
+            elif end is EpisodeEnd.INTERRUPTED and not held.done:
+                held.truncated, success = True, False
+            self._ship(held)
+        outcome = EpisodeOutcome(self._episode, episode_return, length, success and not discarded, interventions,
+                                 discarded, end)
+        if end is not None:
+            self.stats.operator_ends[end.value] += 1
+            log.info("episode %d ended by the operator: %s (%d steps)", self._episode, end.value, length)
         if self.link is not None:
             self.link.episode_finished(pb.EpisodeSummary(
-                episode=self._episode, episode_return=episode_return, length=length, success=success,
-                evaluation=deterministic))
+                episode=self._episode, episode_return=episode_return, length=length, success=outcome.success,
+                evaluation=deterministic, interventions=interventions,
+                intervention_rate=outcome.intervention_rate, discarded=discarded))
+        if self.video is not None and self.video.recording:
+            label = "discarded" if discarded else ("success" if outcome.success else (
+                end.value if end is not None else "failure"))
+            self.video.end(label)
+        self.last_episode = outcome
         self._episode += 1
-        return episode_return, length, success
+        return episode_return, length, outcome.success
+
+    @contextlib.contextmanager
+    def _operator_overrides(self, enabled: bool) -> Iterator[None]:
+        """Within the block, an :class:`~actor.intervention.InterventionWrapper` on the env (if any)
+        executes the operator's actions only when ``enabled`` (its events still arrive)."""
+        wrapper = find_intervention_wrapper(self.env)
+        if wrapper is None:
+            yield
+            return
+        previous, wrapper.overrides_enabled = wrapper.overrides_enabled, enabled
+        try:
+            yield
+        finally:
+            wrapper.overrides_enabled = previous
 
     def evaluate(self, episodes: int) -> float:
-        successes = [self.run_episode(deterministic=True)[2] for _ in range(episodes)]
-        rate = float(np.mean(successes))
+        """Success rate of the deterministic policy over ``episodes`` episodes (re-recorded ones are
+        run again, up to three times the number asked for)."""
+        successes: list[bool] = []
+        with self._operator_overrides(False):  # evaluation measures the policy alone
+            for _ in range(3 * episodes):
+                success = self.run_episode(deterministic=True)[2]
+                if self.last_episode is not None and self.last_episode.discarded:
+                    continue
+                successes.append(success)
+                if len(successes) == episodes:
+                    break
+        rate = float(np.mean(successes)) if successes else 0.0
         self.stats.eval_success_rate = rate
         self.stats.eval_history.append({"env_steps": self.stats.env_steps, "success_rate": rate,
                                         "wall_s": round(time.monotonic() - self.stats.started_at, 1)})
@@ -126,18 +320,27 @@ class ActingLoop:
                 return
             if on_progress is not None:
                 on_progress(self.stats)
+            self.operator.poll()  # an emergency stop acts at once, the rest waits for the next episode
             time.sleep(0.02)
 
     def run(self, total_steps: int, on_progress: Callable[[ActingStats], None] | None = None) -> ActingStats:
         """Act until ``total_steps`` training env steps are done."""
         start, start_steps = time.perf_counter(), self.stats.env_steps
         every = self.config.actor.eval_every_episodes
+        if on_progress is not None:
+            self.on_progress = on_progress
         while self.stats.env_steps < total_steps:
             self._wait_for_learner(on_progress)
             episode_return, _, success = self.run_episode()
             self.stats.episodes += 1
-            self.stats.recent_returns.append(episode_return)
-            self.stats.recent_successes.append(success)
+            outcome = self.last_episode
+            if outcome is not None and outcome.discarded:
+                self.stats.discarded_episodes += 1  # re-recorded: not an outcome of the policy
+            else:
+                self.stats.recent_returns.append(episode_return)
+                self.stats.recent_successes.append(success)
+                if outcome is not None:
+                    self.stats.recent_intervention_rates.append(outcome.intervention_rate)
             self.stats.steps_per_s = (self.stats.env_steps - start_steps) / (time.perf_counter() - start)
             if every and self.stats.episodes % every == 0 and self.policy is not None:
                 self.evaluate(self.config.actor.eval_episodes)

@@ -10,7 +10,11 @@
 Observations are a ``Dict`` of Box fields (``tcp_pose``, ``tcp_velocity``, ``gripper_width``,
 ``images/<camera>``, simulator-only ``task/...``); actions are ``Box(-1, 1, (4,))`` or ``(5,)``
 with yaw. ``info`` carries the server's per-step report (``success``, ``watchdog_tripped``,
-``safety/clipped_box``...).
+``safety/clipped_box``, ``emergency_stopped``...).
+
+Emergency stop: :meth:`RobotEnv.emergency_stop` makes the robot hold the arm and refuse motion
+until :meth:`RobotEnv.release_emergency_stop`; a ``reset``/``step`` refused for that reason (by
+whichever client stopped the robot) raises :class:`RobotEmergencyStopped`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ log = logging.getLogger("steerl.actor")
 
 class RobotLinkError(RuntimeError):
     """The robot could not be reached or refused a request."""
+
+
+class RobotEmergencyStopped(RobotLinkError):
+    """The robot refused a motion request because it is emergency-stopped (nothing moved)."""
 
 
 @dataclass
@@ -67,19 +75,34 @@ class InprocRobotLink:
         self.spaces = self.cell.spaces
 
     def reset(self, seed: int | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        observation, info, _ = self.cell.reset(seed)
+        from robot_server.cell import EmergencyStopped
+
+        try:
+            observation, info, _ = self.cell.reset(seed)
+        except EmergencyStopped as error:
+            raise RobotEmergencyStopped(f"reset refused by the robot cell: {error}") from None
         return observation, info
 
     def step(self, action: np.ndarray) -> StepOutcome:
-        from robot_server.cell import EpisodeNotStarted
+        from robot_server.cell import EmergencyStopped, EpisodeNotStarted
         from robot_server.backends import ArmFault
         from robot_server.safety import UnsafeAction
 
         try:
             result = self.cell.step(action)
+        except EmergencyStopped as error:
+            raise RobotEmergencyStopped(f"step refused by the robot cell: {error}") from None
         except (UnsafeAction, EpisodeNotStarted, ArmFault) as error:
             raise RobotLinkError(f"step refused by the robot cell: {error}") from None
         return StepOutcome(result.observation, result.reward, result.terminated, result.truncated, result.info)
+
+    def emergency_stop(self, reason: str = "") -> dict[str, float]:
+        """Hold the arm and refuse motion until released; returns the cell's status info."""
+        return self.cell.emergency_stop(reason)
+
+    def release_emergency_stop(self) -> dict[str, float]:
+        """Allow motion again; returns the cell's status info."""
+        return self.cell.release_emergency_stop()
 
     def close(self) -> None:
         self.cell.close()
@@ -114,6 +137,8 @@ class ZmqRobotLink:
             self._client.reconnect()
             raise RobotLinkError(f"{what}: {error}") from None
         except RemoteError as error:
+            if error.code == pb.ERROR_EMERGENCY_STOPPED:
+                raise RobotEmergencyStopped(f"{what} refused by the robot server: {error}") from None
             raise RobotLinkError(f"{what} refused by the robot server: {error}") from None
 
     def reset(self, seed: int | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -135,6 +160,19 @@ class ZmqRobotLink:
         request.observe.SetInParent()
         reply = self._call(request, "observe").observe_reply
         return decode_observation(reply.observation), dict(reply.info)
+
+    def emergency_stop(self, reason: str = "") -> dict[str, float]:
+        """Send a ``HoldRequest``: the server holds the arm and refuses motion until released.
+        Returns the server's status info (``emergency_stopped`` = 1)."""
+        request = pb.Envelope()
+        request.hold.reason = reason
+        return dict(self._call(request, "hold").hold_reply.info)
+
+    def release_emergency_stop(self) -> dict[str, float]:
+        """Send a ``ReleaseRequest`` (controller only); returns the server's status info."""
+        request = pb.Envelope()
+        request.release.SetInParent()
+        return dict(self._call(request, "release").release_reply.info)
 
     def close(self) -> None:
         try:
@@ -172,6 +210,23 @@ class RobotEnv(gym.Env):
         outcome = self.link.step(np.asarray(action, dtype=np.float32))
         return (self._ordered(outcome.observation), outcome.reward, outcome.terminated,
                 outcome.truncated, outcome.info)
+
+    @property
+    def supports_emergency_stop(self) -> bool:
+        """Whether the link can latch an emergency stop on the robot side."""
+        return hasattr(self.link, "emergency_stop") and hasattr(self.link, "release_emergency_stop")
+
+    def emergency_stop(self, reason: str = "") -> dict[str, float]:
+        """Hold the arm now and make the robot refuse motion until :meth:`release_emergency_stop`."""
+        if not self.supports_emergency_stop:
+            raise RobotLinkError(f"{type(self.link).__name__} has no emergency stop")
+        return self.link.emergency_stop(reason)
+
+    def release_emergency_stop(self) -> dict[str, float]:
+        """Clear the robot's emergency stop (nothing moves until the next reset or step)."""
+        if not self.supports_emergency_stop:
+            raise RobotLinkError(f"{type(self.link).__name__} has no emergency stop")
+        return self.link.release_emergency_stop()
 
     def close(self) -> None:
         self.link.close()

@@ -14,6 +14,9 @@ step, e.g. ``("MARK_SUCCESS",)``; ``OperatorEvent[name]`` gives the member back)
 device is faulted, ``teleop_fault``. The last step of an episode also carries ``intervention_rate``
 (intervened steps / steps). The wrapper only reports events; acting on them (ending an episode on
 MARK_SUCCESS, pausing, stopping) is the acting loop's job.
+
+``overrides_enabled = False`` (evaluation episodes: they measure the policy alone) keeps reading
+the device, so its events still arrive, but never executes its action.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class InterventionWrapper(gym.Wrapper):
         self._high = env.action_space.high.astype(np.float32)
         self._observation: Any = None
         self._device_error_logged = False
+        self.overrides_enabled = True
         self.episode_steps = 0
         self.episode_interventions = 0
         self.total_steps = 0
@@ -92,7 +96,7 @@ class InterventionWrapper(gym.Wrapper):
     def step(self, action):
         policy_action = np.asarray(action, dtype=np.float32).reshape(self._low.shape)
         reading = self._read(policy_action)
-        intervened = bool(reading.active and reading.connected and reading.fault is None)
+        intervened = bool(self.overrides_enabled and reading.active and reading.connected and reading.fault is None)
         if intervened:
             operator = np.asarray(reading.action, dtype=np.float32)
             executed = np.where(np.isfinite(operator), operator, policy_action)
@@ -120,3 +124,13 @@ class InterventionWrapper(gym.Wrapper):
             self.device.close()
         finally:
             super().close()
+
+
+def find_intervention_wrapper(env: gym.Env) -> InterventionWrapper | None:
+    """The first :class:`InterventionWrapper` in ``env``'s wrapper chain (None if there is none)."""
+    layer: Any = env
+    while layer is not None:
+        if isinstance(layer, InterventionWrapper):
+            return layer
+        layer = getattr(layer, "env", None)
+    return None

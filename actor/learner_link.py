@@ -13,6 +13,10 @@ on the network. A background thread does the rest:
 - when the learner is away, keeps retrying (reconnecting with the same identity) while the actor
   goes on acting with its last weights.
 
+:attr:`LearnerLink.latency_ms` is the link's round-trip time: a moving average over the requests
+that carry no bulk data (transition acks of small batches, weight polls that bring no weights),
+for the operator's progress line.
+
 The queue is bounded by ``max_queue_mb``: if the learner stays away so long that it fills, the
 oldest unsent transitions are dropped, counted in ``dropped`` and logged as errors.
 """
@@ -42,6 +46,10 @@ MAX_BATCH_TRANSITIONS = 256
 MIN_BATCH_INTERVAL_S = 0.05
 # With nothing to send, ask the learner for news (update count, weights) this often.
 IDLE_POLL_S = 0.25
+# Batches up to this size count as small requests for the round-trip measurement.
+LATENCY_PROBE_MAX_BYTES = 256 * 1024
+# Weight of the newest round trip in the moving average.
+LATENCY_SMOOTHING = 0.2
 
 
 @dataclass
@@ -88,6 +96,7 @@ class LearnerLink:
         self.acked = 0
         self.rejected = 0
         self.learner_updates = 0
+        self._latency_s: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"learner-link-{actor_id}", daemon=True)
         self._thread.start()
@@ -128,6 +137,17 @@ class LearnerLink:
                 return None
             policy, self._policy = self._policy, None
             return self._policy_version, policy
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Round-trip time to the learner in milliseconds (moving average), None before any answer."""
+        latency = self._latency_s
+        return None if latency is None else latency * 1000.0
+
+    def _measure(self, started_s: float) -> None:
+        elapsed = time.monotonic() - started_s
+        previous = self._latency_s
+        self._latency_s = elapsed if previous is None else previous + LATENCY_SMOOTHING * (elapsed - previous)
 
     @property
     def pending(self) -> int:
@@ -217,6 +237,8 @@ class LearnerLink:
                     sent_at = time.monotonic()
                     sent_episodes = len(request.transitions.episodes)
                     ack = self._call(request).transition_ack
+                    if request.ByteSize() <= LATENCY_PROBE_MAX_BYTES:
+                        self._measure(sent_at)
                     with self._lock:
                         if ack.has_acked:
                             self._forget_through((ack.acked_episode, ack.acked_step))
@@ -245,7 +267,10 @@ class LearnerLink:
         """Ask for weights newer than ours (the reply also carries the learner's update count)."""
         request = pb.Envelope()
         request.weights_request.have_version = self._policy_version if self._load_policy else 2**63
+        sent_at = time.monotonic()
         weights = self._call(request).weights
+        if not weights.safetensors:
+            self._measure(sent_at)
         self.learner_updates = weights.learner_updates
         self._announced_version = weights.version
         if weights.version <= self._policy_version or not weights.safetensors or self._load_policy is None:

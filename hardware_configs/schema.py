@@ -633,6 +633,9 @@ class ActorConfig:
     # Bound of the queue of unacknowledged transitions (MiB) while the learner is away.
     send_queue_mb: int = 2048
     timeout_ms: int = 2000
+    # Teleop device for human interventions and operator events: a bundled name (keyboard,
+    # gamepad_xbox, spacemouse, simulated_operator) or a YAML path; "" for none. --teleop overrides it.
+    teleop: str = ""
 
     def validate(self) -> None:
         if self.max_steps_per_update < 0:

@@ -9,7 +9,11 @@ Loop (single-threaded, so the order of events is reproducible):
    demonstrations and the online buffer ``demo_ratio : 1 - demo_ratio`` (RLPD). A transition in
    which the operator overrode the policy (``intervened``) goes to the online buffer *and* to the
    intervention buffer (HIL-SERL); the demonstration share of a batch is split between the
-   recorded demos and the interventions in proportion to their sizes;
+   recorded demos and the interventions in proportion to their sizes. An episode the operator
+   discards (``EpisodeSummary.discarded``, a re-record) is taken out of both buffers: the learner
+   remembers which rows each of the newest ``EPISODE_ROWS_MEMORY`` episodes per actor stream went
+   to (kept in the checkpoint) and makes them unsampleable (:meth:`ReplayBuffer.discard`; rows
+   already overwritten are skipped); its late or resent transitions are dropped by the service;
 3. every ``publish_every_updates`` updates publish the policy's weights; every
    ``checkpoint_every_updates`` write a checkpoint.
 
@@ -42,6 +46,7 @@ import os
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +66,8 @@ log = logging.getLogger("steerl.learner")
 
 KEEP_CHECKPOINTS = 2
 LOG_EVERY_S = 10.0
+# Per actor stream, the episodes whose replay rows are remembered so that they can be discarded.
+EPISODE_ROWS_MEMORY = 8
 
 
 class CheckpointError(RuntimeError):
@@ -138,9 +145,12 @@ class Learner:
         self._checkpoint_requested = threading.Event()
         self._last_metrics: dict[str, float] = {}
         self._rng = np.random.default_rng(config.seed)
+        # stream id -> episode -> {"online": [add indices], "interventions": [add indices]}, oldest first.
+        self._episode_rows: dict[int, OrderedDict[int, dict[str, list[int]]]] = {}
+        self.episodes_discarded = 0
         self.service = LearnerService(
             self.settings.address, TransitionLog(self.run_dir / "transition_log"),
-            on_transition=self._add, on_episode=self._episode, on_spaces=self._build)
+            on_transition=self._add, on_episode=self._episode, on_spaces=self._build, on_discard=self._discard)
         if resume:
             self._restore()
         elif spaces is not None:
@@ -179,18 +189,44 @@ class Learner:
         next_observation = {key: transition["next_observation"][key] for key in self.spaces.observation}
         fields = (observation, transition["action"], transition["reward"], next_observation,
                   transition["terminated"], transition["truncated"])
-        self.online.add(*fields, stream_id=stream_id, intervened=transition["intervened"])
+        rows = self._rows_of(stream_id, int(transition.get("episode", -1)))
+        rows["online"].append(self.online.add(*fields, stream_id=stream_id, intervened=transition["intervened"]))
         if transition["intervened"]:
             assert self.interventions is not None
-            self.interventions.add(*fields, stream_id=stream_id, intervened=True)
+            rows["interventions"].append(self.interventions.add(*fields, stream_id=stream_id, intervened=True))
+
+    def _rows_of(self, stream_id: int, episode: int) -> dict[str, list[int]]:
+        """The add indices of ``episode`` of ``stream_id`` (remembered for the newest episodes only)."""
+        episodes = self._episode_rows.setdefault(stream_id, OrderedDict())
+        if episode not in episodes:
+            episodes[episode] = {"online": [], "interventions": []}
+            while len(episodes) > EPISODE_ROWS_MEMORY:
+                episodes.popitem(last=False)
+        return episodes[episode]
+
+    def _discard(self, stream_id: int, episode: int) -> None:
+        """Take every transition of a discarded episode out of the online and intervention buffers."""
+        rows = self._episode_rows.get(stream_id, OrderedDict()).pop(episode, None)
+        if rows is None:
+            log.info("discarded episode %d of stream %d: none of its transitions is stored here (not yet "
+                     "arrived, or older than the newest %d episodes)", episode, stream_id, EPISODE_ROWS_MEMORY)
+            return
+        online = self.online.discard(rows["online"]) if self.online is not None else 0
+        interventions = self.interventions.discard(rows["interventions"]) if self.interventions is not None else 0
+        self.episodes_discarded += 1
+        log.info("discarded episode %d of stream %d: %d online and %d intervention transitions dropped",
+                 episode, stream_id, online, interventions)
 
     def _episode(self, actor_id: str, summary: pb.EpisodeSummary) -> None:
+        if summary.discarded:  # re-recorded: not an outcome of the policy (its rows went in _discard)
+            return
         writer = self.writer
         tag = "eval" if summary.evaluation else "train"
         step = self.service.transitions_received
         writer.add_scalar(f"{tag}/episode_return", summary.episode_return, step)
         writer.add_scalar(f"{tag}/success", float(summary.success), step)
         writer.add_scalar(f"{tag}/episode_length", summary.length, step)
+        writer.add_scalar(f"{tag}/intervention_rate", summary.intervention_rate, step)
 
     @property
     def writer(self):
@@ -307,6 +343,8 @@ class Learner:
             "observation_keys": list(self.keys),
             "log_segment": segment,
             "config": to_dict(self.config),
+            "episode_rows": {str(stream): {str(episode): rows for episode, rows in episodes.items()}
+                             for stream, episodes in self._episode_rows.items()},
         }
         (staging / "learner.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -355,6 +393,8 @@ class Learner:
         if (directory / "interventions").exists():
             self.interventions = ReplayBuffer.load(directory / "interventions", self.spaces.observation_space())
         self.service.restore_stream_table(meta["streams"])
+        self._episode_rows = {int(stream): OrderedDict((int(episode), rows) for episode, rows in episodes.items())
+                              for stream, episodes in meta.get("episode_rows", {}).items()}
         self.service.transitions_received = int(meta["transitions_received"])
         self.service.weights_version = int(meta["weights_version"])
         self.service.publish(self.agent.publish_policy(), self.updates)

@@ -90,7 +90,8 @@ letters, digits, ``_`` and ``-`` replaced by ``.`` (``images/front`` -> ``obs.im
 - ``streams``: list of ``{"stream_id", "slot", "slot_generation"}``: open chains (the slot holding
   the stream's last next_obs; stale if ``slot_generation`` no longer matches);
 - ``counters`` (``frames_written``, ``frames_reused``, ``chain_mismatches``, ``chains_lost``,
-  ``invalidated``, ``evicted``), ``rejected`` (reason -> count), ``saved_at``, ``numpy_version``.
+  ``invalidated``, ``evicted``, ``discarded``: rows made unsampleable by
+  :meth:`ReplayBuffer.discard`), ``rejected`` (reason -> count), ``saved_at``, ``numpy_version``.
 
 Reading it in a notebook::
 
@@ -127,7 +128,7 @@ import shutil
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ OBS_MARGIN_FRACTION = 0.02
 OBS_MARGIN_SLOTS = 8
 ACTION_LIMIT = 1.0 + 1e-6
 COUNTER_NAMES = ("frames_written", "frames_reused", "chain_mismatches", "chains_lost", "invalidated",
-                 "evicted")
+                 "evicted", "discarded")
 TRANSITION_FILES = {  # file stem -> dtype; one row per transition ([T], actions [T, action_dim])
     "obs_index": "int64",
     "next_obs_index": "int64",
@@ -302,8 +303,9 @@ class ReplayBuffer:
     # -- add --------------------------------------------------------------------------------------
     def add(self, observation: Mapping[str, np.ndarray], action: np.ndarray, reward: float,
             next_observation: Mapping[str, np.ndarray], terminated: bool, truncated: bool,
-            stream_id: int = 0, intervened: bool = False) -> None:
-        """Store one transition of stream ``stream_id``; raises :class:`InvalidTransition` if bad."""
+            stream_id: int = 0, intervened: bool = False) -> int:
+        """Store one transition of stream ``stream_id``; raises :class:`InvalidTransition` if bad.
+        Returns the add's serial number (its ``add_index``; :meth:`discard` takes it back)."""
         with self._lock:
             try:
                 obs = self._check_observation("observation", observation)
@@ -316,6 +318,25 @@ class ReplayBuffer:
                 raise
             self._insert(obs, action_array, reward_value, next_obs, bool(terminated), bool(truncated), stream,
                          bool(intervened))
+            return self._added - 1
+
+    def discard(self, add_indices: Iterable[int]) -> int:
+        """Make the transitions written by these adds (serial numbers returned by :meth:`add`)
+        unsampleable, e.g. an episode the operator threw away. Rows already evicted or overwritten
+        by a later add, and rows already invalid, are skipped. Returns how many were discarded
+        (counted in ``counters["discarded"]``)."""
+        discarded = 0
+        with self._lock:
+            for add_index in add_indices:
+                add_index = int(add_index)
+                if add_index < 0 or add_index >= self._added:
+                    continue
+                row = add_index % self.capacity
+                if self._add_index[row] == add_index and self._valid_pos[row] >= 0:
+                    self._invalidate(row)
+                    discarded += 1
+            self.counters["discarded"] += discarded
+        return discarded
 
     def _check_observation(self, which: str, observation: Any) -> dict[str, np.ndarray]:
         if not isinstance(observation, Mapping):

@@ -12,6 +12,14 @@ One ROUTER socket serves every actor (transport/steerl.proto, "actor <-> learner
 - ``WeightsRequest`` -> ``Weights``: the newest published policy (safetensors bytes) if the actor's
   version is older.
 
+Discarded episodes: an ``EpisodeSummary`` with ``discarded`` set (the operator asked to re-record)
+makes the service call ``on_discard(stream_id, episode)`` (the learner drops the episode's rows from
+its buffers) and remember the episode number per actor (the newest ``DISCARD_MEMORY`` of them, kept
+in the checkpoint's stream table): a transition of that episode that arrives later (a batch
+boundary split the episode from its summary, or a resend) is acknowledged but never stored. Discard
+summaries are written to the transition log with the batch, so replaying the log after a crash
+discards the episode again.
+
 The service never blocks: :meth:`LearnerService.poll` handles what has arrived and returns, so the
 training loop interleaves it with gradient updates.
 """
@@ -45,6 +53,9 @@ log = logging.getLogger("steerl.learner")
 
 Sequence = tuple[int, int]  # (episode, step)
 
+# Per actor, how many discarded episode numbers are remembered (to refuse their late transitions).
+DISCARD_MEMORY = 64
+
 
 @dataclass
 class ActorStats:
@@ -55,6 +66,10 @@ class ActorStats:
     accepted: int = 0
     duplicates: int = 0
     rejected: Counter = field(default_factory=Counter)
+    # Episodes the operator discarded (newest last, at most DISCARD_MEMORY) and the transitions of
+    # them dropped on arrival.
+    discarded_episodes: list[int] = field(default_factory=list)
+    discarded_transitions: int = 0
 
 
 class LearnerService:
@@ -64,6 +79,7 @@ class LearnerService:
                  on_transition: Callable[[int, dict], None],
                  on_episode: Callable[[str, pb.EpisodeSummary], None] | None = None,
                  on_spaces: Callable[[RobotSpaces], None] | None = None,
+                 on_discard: Callable[[int, int], None] | None = None,
                  max_message_bytes: int = 256 * 1024 * 1024, curve=None,
                  context: zmq.Context | None = None) -> None:
         self.session = uuid.uuid4().hex[:12]
@@ -76,6 +92,7 @@ class LearnerService:
         self._on_transition = on_transition
         self._on_episode = on_episode
         self._on_spaces = on_spaces
+        self._on_discard = on_discard
         self.spaces: RobotSpaces | None = None
         self.actors: dict[str, ActorStats] = {}
         self.weights_version = 0
@@ -85,13 +102,15 @@ class LearnerService:
 
     # -- state the checkpoint keeps -----------------------------------------------------------
     def stream_table(self) -> dict[str, dict]:
-        return {actor: {"stream_id": s.stream_id, "acked": list(s.acked) if s.acked else None}
+        return {actor: {"stream_id": s.stream_id, "acked": list(s.acked) if s.acked else None,
+                        "discarded_episodes": list(s.discarded_episodes)}
                 for actor, s in self.actors.items()}
 
     def restore_stream_table(self, table: dict[str, dict]) -> None:
         for actor, entry in table.items():
             acked = tuple(entry["acked"]) if entry["acked"] is not None else None
-            self.actors[actor] = ActorStats(stream_id=int(entry["stream_id"]), acked=acked)
+            self.actors[actor] = ActorStats(stream_id=int(entry["stream_id"]), acked=acked,
+                                            discarded_episodes=[int(e) for e in entry.get("discarded_episodes", [])])
 
     def set_spaces(self, spaces: RobotSpaces) -> None:
         self.spaces = spaces
@@ -115,11 +134,18 @@ class LearnerService:
         fresh = pb.TransitionBatch(actor_id=batch.actor_id)
         decoded = []
         last = stats.acked
+        discard = [summary for summary in batch.episodes if summary.discarded]
+        for summary in discard:
+            self._remember_discarded(stats, summary.episode)
         for message in batch.transitions:
             sequence = (message.episode, message.step)
             if last is not None and sequence <= last:
                 stats.duplicates += 1
                 ack.duplicates += 1
+                continue
+            if message.episode in stats.discarded_episodes:
+                stats.discarded_transitions += 1  # acknowledged (the actor may forget it), never stored
+                last = sequence
                 continue
             try:
                 transition = decode_transition(message)
@@ -134,7 +160,8 @@ class LearnerService:
             fresh.transitions.append(message)
             decoded.append(transition)
             last = sequence
-        if write_log and self.transition_log is not None and fresh.transitions:
+        fresh.episodes.extend(discard)  # logged, so that replaying the log discards the episode again
+        if write_log and self.transition_log is not None and (fresh.transitions or fresh.episodes):
             # Synced once per poll, before any ack of this poll leaves (group commit).
             self.transition_log.append(fresh, sync=False)
         for transition in decoded:
@@ -142,6 +169,9 @@ class LearnerService:
         stats.accepted += len(decoded)
         self.transitions_received += len(decoded)
         stats.acked = last
+        if self._on_discard is not None:
+            for summary in discard:
+                self._on_discard(stats.stream_id, summary.episode)
         if self._on_episode is not None:
             for summary in batch.episodes:
                 self._on_episode(batch.actor_id, summary)
@@ -152,6 +182,14 @@ class LearnerService:
         ack.weights_version = self.weights_version
         ack.learner_updates = self.learner_updates
         return ack
+
+    @staticmethod
+    def _remember_discarded(stats: ActorStats, episode: int) -> None:
+        if episode in stats.discarded_episodes:
+            return
+        stats.discarded_episodes.append(int(episode))
+        del stats.discarded_episodes[:-DISCARD_MEMORY]
+        log.info("actor stream %d: episode %d discarded by the operator", stats.stream_id, episode)
 
     def _check(self, transition: dict) -> None:
         """Refuse a transition that does not fit the spaces (the replay checks again on add)."""

@@ -7,7 +7,11 @@
   observation's info says so),
 - the **control clock** (``sync``: each step integrates one control period as fast as possible;
   ``realtime``: each step's reply leaves at the next tick of a fixed-phase clock at ``rate_hz``),
-- the **episode** (step counter, time-limit truncation, termination on the task's success).
+- the **episode** (step counter, time-limit truncation, termination on the task's success);
+- the **emergency stop** (:meth:`RobotCell.emergency_stop`): the arm is held at once and every
+  motion request (``reset``, ``step``) raises :class:`EmergencyStopped` without touching the arm
+  until :meth:`RobotCell.release_emergency_stop`; the info of every reply carries
+  ``emergency_stopped`` (0/1). The watchdog is independent of it and keeps running.
 
 The socket server (:mod:`robot_server.server`) and the in-process env link both drive a cell, so
 the two behave identically.
@@ -76,6 +80,10 @@ class EpisodeNotStarted(RuntimeError):
     """``step`` was called before ``reset`` or after the episode ended."""
 
 
+class EmergencyStopped(RuntimeError):
+    """A motion request (``reset``/``step``) arrived while the cell is emergency-stopped."""
+
+
 @dataclass
 class StepResult:
     observation: dict[str, np.ndarray]
@@ -140,6 +148,7 @@ class RobotCell:
         self._episode_active = False
         self._last_command_s: float | None = None
         self._held_by_watchdog = False
+        self._emergency_stop_reason: str | None = None
         self._tick_origin_s = 0.0
         self._last_tick_index = 0
 
@@ -225,6 +234,32 @@ class RobotCell:
         """Stop the arm now (client gone, emergency stop, shutdown)."""
         self.backend.hold()
 
+    # -- emergency stop -----------------------------------------------------------------------
+    @property
+    def emergency_stopped(self) -> bool:
+        """Whether motion is refused until :meth:`release_emergency_stop`."""
+        return self._emergency_stop_reason is not None
+
+    def emergency_stop(self, reason: str = "") -> dict[str, float]:
+        """Hold the arm now and refuse motion until released; idempotent. Returns the status info."""
+        self.backend.hold()
+        if self._emergency_stop_reason is None:
+            self._emergency_stop_reason = reason or "emergency stop"
+            log.warning("emergency stop (%s): arm held, motion refused until released", self._emergency_stop_reason)
+        return self._status_info()
+
+    def release_emergency_stop(self) -> dict[str, float]:
+        """Allow motion again (the arm stays held until the next command). Returns the status info."""
+        if self._emergency_stop_reason is not None:
+            log.warning("emergency stop (%s) released", self._emergency_stop_reason)
+            self._emergency_stop_reason = None
+        return self._status_info()
+
+    def _refuse_when_stopped(self, request: str) -> None:
+        if self._emergency_stop_reason is not None:
+            raise EmergencyStopped(f"{request}: the robot is emergency-stopped ({self._emergency_stop_reason}); "
+                                   "no motion until it is released")
+
     def _status_info(self) -> dict[str, float]:
         info = {
             "episode_step": float(self._episode_step),
@@ -232,6 +267,7 @@ class RobotCell:
             "missed_ticks": float(self.counters.missed_ticks),
             "refused_actions": float(self.counters.refused_actions),
             "clipped_steps": float(self.counters.clipped_steps),
+            "emergency_stopped": float(self._emergency_stop_reason is not None),
         }
         if self.camera_rig is not None:
             info["camera_faults"] = float(self.counters.camera_faults)
@@ -240,7 +276,9 @@ class RobotCell:
 
     # -- episode ------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
-        """Start an episode: the backend moves to the reset pose and re-randomises the task."""
+        """Start an episode: the backend moves to the reset pose and re-randomises the task.
+        Raises EmergencyStopped (arm untouched) while emergency-stopped."""
+        self._refuse_when_stopped("reset")
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         self.backend.reset(self._rng)
@@ -255,7 +293,8 @@ class RobotCell:
 
     def step(self, action: np.ndarray) -> StepResult:
         """Execute one control period of ``action``. Raises UnsafeAction (arm untouched) for a bad
-        action and EpisodeNotStarted outside an episode."""
+        action, EpisodeNotStarted outside an episode and EmergencyStopped while emergency-stopped."""
+        self._refuse_when_stopped("step")
         if not self._episode_active:
             raise EpisodeNotStarted("step: no episode is running; call reset first")
         try:

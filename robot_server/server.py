@@ -9,6 +9,12 @@ Robustness rules: any frame that is oversized, unparsable, of the wrong message 
 protocol version or carries a bad action gets an ``Error`` reply naming the problem; nothing a
 client sends can crash the loop or move the arm outside a valid ``step``. The loop also runs the
 watchdog between requests, so a silent controller's arm is held within ``watchdog_ms``.
+
+Emergency stop: a ``HoldRequest`` from any client that completed the handshake (controller or
+observer) holds the arm at once and latches the emergency-stopped state; from then on ``reset`` and
+``step`` are refused with ``ERROR_EMERGENCY_STOPPED`` (the arm does not move) until the controller
+sends a ``ReleaseRequest``. The latch does not depend on the watchdog, on the controller lease or
+on the client staying connected; every reply's info carries ``emergency_stopped`` (0/1).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import zmq
 
 from hardware_configs.schema import SessionConfig
 from robot_server.backends import ArmFault
-from robot_server.cell import EpisodeNotStarted, RobotCell
+from robot_server.cell import EmergencyStopped, EpisodeNotStarted, RobotCell
 from robot_server.safety import UnsafeAction
 from transport import steerl_pb2 as pb
 from transport.codec import (
@@ -47,7 +53,7 @@ IDLE_POLL_MS = 50
 # Clients not heard from for this long are forgotten (they must handshake again).
 CLIENT_EXPIRY_S = 300.0
 CONTROLLER_REQUESTS = ("reset", "step")
-REQUEST_TYPES = ("handshake", "reset", "step", "observe", "goodbye")
+REQUEST_TYPES = ("handshake", "reset", "step", "observe", "goodbye", "hold", "release")
 
 
 @dataclass
@@ -193,13 +199,21 @@ class RobotServer:
             observation, info, stamp = self.cell.observe()
             encode_observation(observation, stamp, reply.observe_reply.observation)
             info_to_pb(info, reply.observe_reply.info)
+        elif kind == "hold":
+            reason = envelope.hold.reason or "no reason given"
+            info_to_pb(self.cell.emergency_stop(f"{reason}, from {client.name!r}"), reply.hold_reply.info)
         else:
             if identity != self._controller:
                 raise ProtocolError(pb.ERROR_NOT_CONTROLLER,
                                     f"{kind}: client {client.name!r} is not the controller")
-            if kind == "reset":
+            if kind == "release":
+                info_to_pb(self.cell.release_emergency_stop(), reply.release_reply.info)
+            elif kind == "reset":
                 seed = envelope.reset.seed if envelope.reset.has_seed else None
-                observation, info, stamp = self.cell.reset(seed)
+                try:
+                    observation, info, stamp = self.cell.reset(seed)
+                except EmergencyStopped as error:
+                    raise ProtocolError(pb.ERROR_EMERGENCY_STOPPED, str(error)) from None
                 encode_observation(observation, stamp, reply.reset_reply.observation)
                 info_to_pb(info, reply.reset_reply.info)
             else:
@@ -216,6 +230,8 @@ class RobotServer:
             raise ProtocolError(pb.ERROR_INVALID_ARGUMENT, f"step.{error}", f"step.{error.field}") from None
         except EpisodeNotStarted as error:
             raise ProtocolError(pb.ERROR_UNEXPECTED_MESSAGE, str(error)) from None
+        except EmergencyStopped as error:
+            raise ProtocolError(pb.ERROR_EMERGENCY_STOPPED, str(error)) from None
         encode_observation(result.observation, result.stamp_s, out.observation)
         out.reward = result.reward
         out.terminated = result.terminated

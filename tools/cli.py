@@ -6,6 +6,8 @@
     steerl actor --config FILE             run the actor (robot PC) against a running learner
     steerl eval --checkpoint DIR           success rate of a trained policy
     steerl record-demos --config FILE -n N record scripted-expert demonstrations
+    steerl record-success-fail --config FILE --episodes N --out DIR   labelled frames for a reward classifier
+    steerl train-reward-classifier --data DIR --out FILE           train the reward classifier
     steerl rollout --config FILE           drive the robot with a scripted or random policy
     steerl keys generate --dir DIR --name NAME   make a CURVE key pair
     steerl check --config FILE             pre-flight: reach and measure every device, no motion
@@ -78,12 +80,27 @@ def _training_config(args: argparse.Namespace) -> SessionConfig:
     return config
 
 
+def _with_teleop(config: SessionConfig, teleop: str | None) -> SessionConfig:
+    """``--teleop`` overrides ``actor.teleop`` (checked now: a bad name or file is a config error)."""
+    if teleop is None:
+        return config
+    if teleop:
+        from hardware_configs.teleop import load_teleop_config
+
+        load_teleop_config(teleop)
+    return dataclasses.replace(config, actor=dataclasses.replace(config.actor, teleop=teleop))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tools.session import run_training
 
-    config = _training_config(args)
+    config = _with_teleop(_training_config(args), args.teleop)
+    if args.save_videos < 0:
+        print(f"steerl train: --save-videos must be 0 or positive, got {args.save_videos}", file=sys.stderr)
+        return 2
     run_dir = args.run_dir or f"{config.learner.run_dir}/{config.name}"
-    return run_training(config, run_dir, args.steps, demos=args.demos, resume=args.resume, env_id=args.env_id)
+    return run_training(config, run_dir, args.steps, demos=args.demos, resume=args.resume, env_id=args.env_id,
+                        save_videos=args.save_videos)
 
 
 def cmd_learner(args: argparse.Namespace) -> int:
@@ -105,13 +122,17 @@ def cmd_actor(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from tools.session import open_env, run_actor
+    from tools.session import attach_teleop, open_env, run_actor
 
-    config = _training_config(args)
+    config = _with_teleop(_training_config(args), args.teleop)
+    console = Console()
     with ExitStack() as stack:
         env = open_env(config, args.env_id, stack, start_server=False)
         stack.callback(env.close)
-        run_actor(config, env, args.steps, actor_id=args.actor_id or f"actor-{config.name}", console=Console())
+        env = attach_teleop(config, env, console)
+        if hasattr(env, "device"):
+            stack.callback(env.device.close)
+        run_actor(config, env, args.steps, actor_id=args.actor_id or f"actor-{config.name}", console=console)
     return 0
 
 
@@ -135,6 +156,59 @@ def cmd_record_demos(args: argparse.Namespace) -> int:
     result = record_demos(config, args.episodes, out, keep_failures=args.keep_failures, noise_std=args.noise)
     print(f"recorded {result['episodes']} episodes ({result['transitions']} transitions, "
           f"{result['attempted']} attempted) into {result['path']}")
+    return 0
+
+
+def cmd_record_success_fail(args: argparse.Namespace) -> int:
+    from actor.labelled_frames import SimCollection, record_success_fail
+
+    config = _with_address(load_config(args.config), args.address)
+    if args.inproc:
+        config = dataclasses.replace(config, env=dataclasses.replace(config.env, connection="inproc"))
+    settings = SimCollection(expert_share=args.expert_share, expert_noise=args.expert_noise,
+                             random_action_share=args.random_action_share, near_miss_steps=args.near_miss_steps,
+                             failures_per_episode=args.failures_per_episode, max_episode_steps=args.max_episode_steps)
+    try:
+        settings.validate()
+    except ValueError as error:
+        print(f"steerl record-success-fail: {error}", file=sys.stderr)
+        return 2
+    result = record_success_fail(config, args.episodes, args.out, settings, seed=args.seed,
+                                 start_server=not args.no_server, log_line=print)
+    print(f"recorded {result['frames']} frames ({result['success']} success, {result['failure']} failure) "
+          f"from {result['episodes']} episodes into {result['path']}")
+    return 0
+
+
+def cmd_train_reward_classifier(args: argparse.Namespace) -> int:
+    from actor.labelled_frames import LabelledFramesError, concatenate_labelled_frames, load_labelled_frames
+    from learner.reward_classifier import (RewardClassifierError, TrainingOptions, describe_metrics,
+                                           save_reward_classifier, train_reward_classifier)
+
+    if args.encoder == "pretrained" and not args.pretrained_path:
+        print("steerl train-reward-classifier: --encoder pretrained needs --pretrained-path (a TorchScript file)",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = TrainingOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                              holdout_fraction=args.holdout, seed=args.seed, encoder=args.encoder,
+                              pretrained_path=args.pretrained_path or "", freeze_encoder=not args.train_encoder,
+                              augment_pad=args.augment_pad, threshold=args.threshold)
+    try:
+        data = concatenate_labelled_frames([load_labelled_frames(path) for path in args.data])
+        result = train_reward_classifier(data, options, log_line=print)
+    except (LabelledFramesError, RewardClassifierError) as error:
+        print(f"steerl train-reward-classifier: {error}", file=sys.stderr)
+        return 2
+    training = {"options": dataclasses.asdict(options), "data": [str(path) for path in args.data],
+                **result.summary()}
+    path = save_reward_classifier(result.classifier, args.out, training)
+    if result.heldout is not None:
+        print(f"held-out {describe_metrics(result.heldout)}")
+    print(f"saved the reward classifier to {path} ({result.seconds:.1f} s of training)")
     return 0
 
 
@@ -217,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="default: learner.run_dir/<config name>")
     train.add_argument("--demos", help="a demo buffer made by 'steerl record-demos'")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    train.add_argument("--teleop", metavar="NAME_OR_YAML",
+                       help="teleop device for interventions and operator events: keyboard, gamepad_xbox, "
+                            "spacemouse, simulated_operator or a YAML path (overrides actor.teleop)")
+    train.add_argument("--save-videos", type=int, default=0, metavar="N",
+                       help="save every N-th episode's camera images as MP4 into RUN_DIR/videos (0: none)")
     train.set_defaults(handler=cmd_train)
 
     learner = commands.add_parser(
@@ -237,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     training_options(actor)
     actor.add_argument("--steps", type=int, default=30_000)
     actor.add_argument("--actor-id", help="stable name of this actor (default actor-<config name>)")
+    actor.add_argument("--teleop", metavar="NAME_OR_YAML",
+                       help="teleop device for interventions and operator events: keyboard, gamepad_xbox, "
+                            "spacemouse, simulated_operator or a YAML path (overrides actor.teleop)")
     actor.set_defaults(handler=cmd_actor)
 
     evaluate = commands.add_parser(
@@ -272,6 +354,55 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds of camera and control-loop measurement (default 2)")
     check.add_argument("--json", help="also write the report to this JSON file")
     check.set_defaults(handler=cmd_check)
+
+    success_fail = commands.add_parser(
+        "record-success-fail", help="record camera frames labelled success/failure (simulator) for a reward classifier",
+        description="Drive the simulated robot with the scripted expert mixed with noise and random actions, and "
+                    "save camera frames labelled with the simulator's success flag: every success frame, the "
+                    "near-misses just before it and a few other failure frames per episode (actor/labelled_frames.py "
+                    "format). On a real robot, frames are labelled by operator marks instead.")
+    success_fail.add_argument("--config", required=True, help="YAML file or bundled config name (needs cameras)")
+    success_fail.add_argument("--episodes", type=int, default=100)
+    success_fail.add_argument("--out", required=True, help="output directory")
+    success_fail.add_argument("--expert-share", type=float, default=0.6,
+                              help="share of episodes driven by the (noisy) expert; the others explore (default 0.6)")
+    success_fail.add_argument("--expert-noise", type=float, default=0.1, help="Gaussian noise std on expert actions")
+    success_fail.add_argument("--random-action-share", type=float, default=0.5,
+                              help="in exploring episodes, share of steps with a uniform random action (default 0.5)")
+    success_fail.add_argument("--near-miss-steps", type=int, default=2,
+                              help="failure frames kept right before each success (default 2)")
+    success_fail.add_argument("--failures-per-episode", type=int, default=2,
+                              help="further failure frames drawn per episode (default 2)")
+    success_fail.add_argument("--max-episode-steps", type=int, help="end episodes earlier than the task's time limit")
+    success_fail.add_argument("--seed", type=int, help="default: the config's seed")
+    success_fail.add_argument("--address", help="override server.address and env.address")
+    success_fail.add_argument("--no-server", action="store_true", help="connect to a robot server already running")
+    success_fail.add_argument("--inproc", action="store_true", help="run the robot cell inside this process")
+    success_fail.set_defaults(handler=cmd_record_success_fail)
+
+    classifier = commands.add_parser(
+        "train-reward-classifier", help="train the image reward classifier on labelled frames",
+        description="Train a binary success classifier (frozen image encoder + small MLP head, balanced batches, "
+                    "DrQ shift) on frames from 'steerl record-success-fail' or operator marks, report held-out "
+                    "accuracy, precision, recall and the confusion matrix (split by episode), and save it as "
+                    "safetensors with a JSON header (learner/reward_classifier.py).")
+    classifier.add_argument("--data", required=True, nargs="+", metavar="DIR", help="labelled-frame directories")
+    classifier.add_argument("--out", required=True, metavar="FILE", help="classifier file (.safetensors)")
+    classifier.add_argument("--encoder", choices=["small_cnn", "pretrained"], default="small_cnn",
+                            help="small_cnn (default: random-initialised, frozen) or a frozen TorchScript backbone")
+    classifier.add_argument("--pretrained-path", help="TorchScript backbone file for --encoder pretrained")
+    classifier.add_argument("--train-encoder", action="store_true",
+                            help="small_cnn: train the convolutions too instead of freezing them")
+    classifier.add_argument("--steps", type=int, default=500)
+    classifier.add_argument("--batch-size", type=int, default=64, help="even; half success, half failure frames")
+    classifier.add_argument("--lr", type=float, default=1e-3)
+    classifier.add_argument("--holdout", type=float, default=0.2,
+                            help="share of episodes held out for evaluation (0: none; default 0.2)")
+    classifier.add_argument("--augment-pad", type=int, help="DrQ shift in pixels (default 5%% of the image side)")
+    classifier.add_argument("--threshold", type=float, default=0.5, help="success when p >= threshold (default 0.5)")
+    classifier.add_argument("--seed", type=int, default=0)
+    classifier.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
+    classifier.set_defaults(handler=cmd_train_reward_classifier)
 
     keys = commands.add_parser("keys", help="manage CURVE keys",
                                description="Manage the CURVE keys that authenticate robot links.")

@@ -5,6 +5,12 @@ robot server and the learner as child processes, the actor in the foreground wit
 line. ``steerl learner`` and ``steerl actor`` run the two halves on separate machines.
 ``--env-id`` swaps the robot for any registered gymnasium environment (in-process), so the
 learner can be checked on environments we did not write.
+
+``--teleop`` (or ``actor.teleop``) wraps the env in an
+:class:`~actor.intervention.InterventionWrapper` around the configured teleop device and prints the
+device's bindings; ``--save-videos N`` saves every N-th episode's camera images under
+``RUN_DIR/videos/``. The progress line shows the episode and its step, the mean return, success and
+intervention rates, learner updates/s, the learner link's round trip and the operator state.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from actor.acting import ActingLoop, ActingStats
 from actor.env import RobotEnv, make_gym_env
 from actor.learner_link import LearnerLink
+from actor.video import EpisodeVideoRecorder
 from actor.rollout import connect_env, play_episode, robot_server_process, steerl_child
 from hardware_configs.schema import SessionConfig
 from transport.spaces import RobotSpaces
@@ -66,8 +73,44 @@ def open_env(config: SessionConfig, env_id: str | None, stack: ExitStack, start_
     return connect_env(config, server)
 
 
+def attach_teleop(config: SessionConfig, env: gym.Env, console: Console) -> gym.Env:
+    """``env`` wrapped in an InterventionWrapper around the device of ``actor.teleop`` (unchanged when
+    it is empty), with the device's bindings printed."""
+    if not config.actor.teleop:
+        return env
+    from actor.intervention import InterventionWrapper
+    from actor.operator import format_bindings
+    from actor.teleop import make_teleop_device
+    from hardware_configs.teleop import load_teleop_config
+
+    teleop_config = load_teleop_config(config.actor.teleop)
+    device = make_teleop_device(teleop_config, env.action_space.shape[0], robot=config.robot)
+    wrapped = InterventionWrapper(env, device)  # starts the device
+    console.print(format_bindings(teleop_config, Path(config.actor.teleop).stem), markup=False, highlight=False)
+    return wrapped
+
+
+def progress_line(stats: ActingStats, link: LearnerLink, updates_per_s: float) -> str:
+    """The operator's live view: episode and step, return, success and intervention rates, the
+    learner's updates/s and the link's round trip, and a pause or emergency stop in capitals."""
+    evaluation = "-" if stats.eval_success_rate is None else f"{stats.eval_success_rate:.0%}"
+    latency = link.latency_ms
+    line = (f"ep {stats.episode} step {stats.episode_step:>3}  return {stats.mean_return:6.2f}  "
+            f"success {stats.success_rate:4.0%}  interv {stats.intervention_rate:4.0%}  eval {evaluation}  "
+            f"updates {link.learner_updates} ({updates_per_s:.0f}/s)  "
+            f"link {'-' if latency is None else f'{latency:.0f} ms'}  "
+            f"{stats.steps_per_s:.0f} steps/s  policy v{stats.policy_version}")
+    if stats.discarded_episodes:
+        line += f"  discarded {stats.discarded_episodes}"
+    if stats.operator_state != "running":
+        line += f"  [{stats.operator_state.upper()}]"
+    if not link.connected:
+        line += "  [learner away]"
+    return line
+
+
 def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, console: Console,
-              learner: subprocess.Popen | None = None) -> ActingStats:
+              learner: subprocess.Popen | None = None, video: EpisodeVideoRecorder | None = None) -> ActingStats:
     """Connect to the learner and act for ``total_steps`` env steps with a live progress line."""
     import torch
 
@@ -84,7 +127,7 @@ def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, conso
         if hello is None and time.monotonic() > deadline:
             raise RuntimeError(f"no learner answered at {config.learner.address}")
     first_episode = hello.acked_episode + 1 if hello.has_acked else 0
-    loop = ActingLoop(config, env, link, tuple(spaces.observation), first_episode=first_episode)
+    loop = ActingLoop(config, env, link, tuple(spaces.observation), first_episode=first_episode, video=video)
     columns = [TextColumn("[bold blue]env steps"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[line]}"), TimeElapsedColumn()]
     rate = {"updates": 0, "time": time.monotonic(), "per_s": 0.0}
@@ -100,11 +143,7 @@ def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, conso
                 if now - rate["time"] > 2.0:
                     rate["per_s"] = (link.learner_updates - rate["updates"]) / (now - rate["time"])
                     rate["updates"], rate["time"] = link.learner_updates, now
-                evaluation = "-" if stats.eval_success_rate is None else f"{stats.eval_success_rate:.0%}"
-                line = (f"ep {stats.episodes}  return {stats.mean_return:6.2f}  success {stats.success_rate:4.0%}  "
-                        f"eval {evaluation}  updates {link.learner_updates} ({rate['per_s']:.0f}/s)  "
-                        f"{stats.steps_per_s:.0f} steps/s  policy v{stats.policy_version}"
-                        f"{'' if link.connected else '  [learner away]'}")
+                line = progress_line(stats, link, rate["per_s"])
                 progress.update(task, completed=min(stats.env_steps, total_steps), line=line)
 
             loop.run(total_steps, on_progress=show)
@@ -117,8 +156,9 @@ def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, conso
 
 
 def run_training(config: SessionConfig, run_dir: str | Path, total_steps: int, demos: str | None = None,
-                 resume: bool = False, env_id: str | None = None) -> int:
-    """``steerl train``: robot server + learner + actor on this machine."""
+                 resume: bool = False, env_id: str | None = None, save_videos: int = 0) -> int:
+    """``steerl train``: robot server + learner + actor on this machine (``save_videos``: every
+    N-th episode's camera images into ``RUN_DIR/videos``; 0 for none)."""
     console = Console()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,8 +169,16 @@ def run_training(config: SessionConfig, run_dir: str | Path, total_steps: int, d
         learner = stack.enter_context(learner_process(config, run_dir, demos, resume))
         env = open_env(config, env_id, stack)
         stack.callback(env.close)
+        env = attach_teleop(config, env, console)
+        if hasattr(env, "device"):
+            stack.callback(env.device.close)  # the env itself is closed by the callback above
+        video = None
+        if save_videos:
+            video = EpisodeVideoRecorder(run_dir / "videos", save_videos, config.robot.control.rate_hz)
+            stack.callback(video.close)
         started = time.monotonic()
-        stats = run_actor(config, env, total_steps, actor_id=f"actor-{config.name}", console=console, learner=learner)
+        stats = run_actor(config, env, total_steps, actor_id=f"actor-{config.name}", console=console, learner=learner,
+                          video=video)
     summary = {
         "config": config.name,
         "env_steps": stats.env_steps,

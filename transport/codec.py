@@ -173,9 +173,11 @@ def encode_transition(out: pb.Transition, episode: int, step: int, observation: 
 
 
 def decode_transition(message: pb.Transition) -> dict:
-    """The step's arrays and flags (validated byte counts; shapes are the replay's to check)."""
+    """The step's arrays, flags and numbers (validated byte counts; shapes are the replay's to check)."""
     where = f"transition[{message.episode}:{message.step}]"
     return {
+        "episode": message.episode,
+        "step": message.step,
         "observation": decode_observation(message.observation, f"{where}.observation"),
         "action": decode_tensor(message.action, f"{where}.action"),
         "reward": message.reward,

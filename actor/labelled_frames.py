@@ -69,7 +69,6 @@ import datetime
 import json
 import logging
 import os
-import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +76,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from learner.durable import write_directory_atomically, write_durably
 
 log = logging.getLogger("steerl.actor.labelled_frames")
 
@@ -249,45 +250,18 @@ class LabelledFrameRecorder:
         return _write_directory(Path(directory), arrays, meta)
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_directory(final: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
-    """Write ``arrays`` (``.npy``) and ``meta.json`` into ``final`` via ``final.tmp`` and ``final.old``."""
-    tmp = final.with_name(final.name + ".tmp")
-    old = final.with_name(final.name + ".old")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for name, array in arrays.items():
-        with open(tmp / name, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-    with open(tmp / "meta.json", "wb") as f:
-        f.write(json.dumps(meta, indent=1).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_directory(tmp)
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)  # stale: ``final`` is complete
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_directory(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
+    """Write ``arrays`` (``.npy``) and ``meta.json`` into ``final`` crash-safely (learner/durable.py)."""
+
+    def write(tmp: Path) -> None:
+        for name, array in arrays.items():
+            with open(tmp / name, "wb") as f:
+                np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+        write_durably(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+
+    return write_directory_atomically(final, write)
 
 
 def _load_array(path: Path, dtype_kind: str, length: int | None) -> np.ndarray:

@@ -124,7 +124,6 @@ import math
 import operator
 import os
 import re
-import shutil
 import threading
 import zlib
 from collections import Counter
@@ -135,6 +134,8 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+
+from learner.durable import sibling_paths, write_directory_atomically, write_durably
 
 log = logging.getLogger("steerl.learner.replay")
 
@@ -493,24 +494,12 @@ class ReplayBuffer:
     # -- save -------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the buffer to ``directory`` (crash-safe; format in the module docstring)."""
-        final = Path(directory)
-        tmp, old = _siblings(final)
-        with self._lock:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+        def write(tmp: Path) -> None:
             files = {name: _write_npy(tmp / name, array) for name, array in self._saved_arrays().items()}
-            _write_durably(tmp / "meta.json", json.dumps(self._meta(files), indent=1).encode())
-            _fsync_directory(tmp)
-        if final.exists():
-            if old.exists():
-                shutil.rmtree(old)  # stale: ``final`` is complete
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_directory(final.parent)
-        if old.exists():
-            shutil.rmtree(old)
-        return final
+            write_durably(tmp / "meta.json", json.dumps(self._meta(files), indent=1).encode())
+
+        with self._lock:
+            return write_directory_atomically(Path(directory), write)
 
     def _saved_arrays(self) -> dict[str, np.ndarray]:
         frames = min(self._frames_written, self.obs_capacity)
@@ -550,7 +539,7 @@ class ReplayBuffer:
              seed: int = 0, verify_checksums: bool = True) -> ReplayBuffer:
         """Read a buffer written by :meth:`save`, falling back to ``directory.old`` if it is corrupt."""
         final = Path(directory)
-        _, old = _siblings(final)
+        _, old = sibling_paths(final)
         try:
             return cls._load_directory(final, observation_space, seed, verify_checksums)
         except (ReplayFormatError, FileNotFoundError) as error:
@@ -691,10 +680,6 @@ def _check_field_subset(wanted: dict, saved: dict, directory: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # file helpers
 # ------------------------------------------------------------------------------------------------
-def _siblings(directory: Path) -> tuple[Path, Path]:
-    return directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-
-
 def _field_file(key: str, fields: dict) -> str:
     names = {k: "obs." + re.sub(r"[^A-Za-z0-9_-]", ".", k) for k in fields}
     if len(set(names.values())) != len(names):  # two names differing only in punctuation
@@ -736,26 +721,6 @@ def _write_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     return {"dtype": array.dtype.name, "shape": list(array.shape), "crc32": _crc32(array)}
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -636,10 +636,21 @@ class ActorConfig:
     # Teleop device for human interventions and operator events: a bundled name (keyboard,
     # gamepad_xbox, spacemouse, simulated_operator) or a YAML path; "" for none. --teleop overrides it.
     teleop: str = ""
+    # A reward classifier file (steerl train-reward-classifier): its success decision replaces the
+    # robot's reward and ends the episode; "" keeps the robot's reward.
+    reward_classifier: str = ""
+    # Success when p(success) >= this; None: the threshold stored in the classifier file.
+    reward_threshold: Optional[float] = None
+    # Extra conditions on the observation for a success, e.g. ["gripper_width[0] < 0.06"].
+    reward_proprio_checks: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.max_steps_per_update < 0:
             raise ValueError("max_steps_per_update must be non-negative")
+        if self.reward_threshold is not None and not 0.0 <= self.reward_threshold <= 1.0:
+            raise ValueError(f"reward_threshold must lie in [0, 1], got {self.reward_threshold}")
+        if self.reward_proprio_checks and not self.reward_classifier:
+            raise ValueError("reward_proprio_checks need a reward_classifier")
 
 
 @dataclass(frozen=True)

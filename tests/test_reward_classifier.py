@@ -294,6 +294,32 @@ def test_wrapper_rewards_success_and_ends_the_episode(trained, capsys) -> None:
     assert agree >= 0.85 * steps
 
 
+def test_session_applies_the_configured_classifier_under_the_operator(trained) -> None:
+    from rich.console import Console
+
+    from actor.intervention import InterventionWrapper
+    from tools.session import attach_reward_classifier, attach_teleop
+
+    config = dataclasses.replace(trained.config, actor=dataclasses.replace(
+        trained.config.actor, reward_classifier=str(trained.path), reward_threshold=0.7,
+        reward_proprio_checks=("gripper_width[0] > 0.01",), teleop="simulated_operator"))
+    console = Console(quiet=True)
+    env = attach_teleop(config, attach_reward_classifier(config, make_env(config), console), console)
+    try:
+        assert isinstance(env, InterventionWrapper) and isinstance(env.env, RewardClassifierWrapper)
+        assert env.env.threshold == 0.7 and len(env.env.checks) == 1
+        env.reset(seed=0)
+        info = env.step(np.zeros(env.action_space.shape, np.float32))[4]
+        assert {"classifier_probability", "env_success", "intervened"} <= set(info)
+    finally:
+        env.close()
+    unchanged = make_env(trained.config)
+    try:
+        assert attach_reward_classifier(trained.config, unchanged, Console(quiet=True)) is unchanged
+    finally:
+        unchanged.close()
+
+
 def test_wrapper_threshold_and_proprioceptive_checks(trained) -> None:
     env = make_env(trained.config)
     try:

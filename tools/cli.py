@@ -122,14 +122,14 @@ def cmd_actor(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from tools.session import attach_teleop, open_env, run_actor
+    from tools.session import attach_reward_classifier, attach_teleop, open_env, run_actor
 
     config = _with_teleop(_training_config(args), args.teleop)
     console = Console()
     with ExitStack() as stack:
         env = open_env(config, args.env_id, stack, start_server=False)
         stack.callback(env.close)
-        env = attach_teleop(config, env, console)
+        env = attach_teleop(config, attach_reward_classifier(config, env, console), console)
         if hasattr(env, "device"):
             stack.callback(env.device.close)
         run_actor(config, env, args.steps, actor_id=args.actor_id or f"actor-{config.name}", console=console)

@@ -73,6 +73,22 @@ def open_env(config: SessionConfig, env_id: str | None, stack: ExitStack, start_
     return connect_env(config, server)
 
 
+def attach_reward_classifier(config: SessionConfig, env: gym.Env, console: Console) -> gym.Env:
+    """``env`` with its reward replaced by ``actor.reward_classifier`` (unchanged when it is empty).
+
+    It goes on the robot env itself, under any intervention wrapper: the classifier judges the
+    state the robot reached, whoever commanded it."""
+    if not config.actor.reward_classifier:
+        return env
+    from actor.reward_wrapper import RewardClassifierWrapper
+
+    wrapped = RewardClassifierWrapper(env, config.actor.reward_classifier, config.actor.reward_threshold,
+                                      list(config.actor.reward_proprio_checks) or None)
+    console.print(f"reward: classifier {config.actor.reward_classifier} (threshold {wrapped.threshold:g}"
+                  f"{', checks ' + ', '.join(config.actor.reward_proprio_checks) if config.actor.reward_proprio_checks else ''})")
+    return wrapped
+
+
 def attach_teleop(config: SessionConfig, env: gym.Env, console: Console) -> gym.Env:
     """``env`` wrapped in an InterventionWrapper around the device of ``actor.teleop`` (unchanged when
     it is empty), with the device's bindings printed."""
@@ -169,7 +185,7 @@ def run_training(config: SessionConfig, run_dir: str | Path, total_steps: int, d
         learner = stack.enter_context(learner_process(config, run_dir, demos, resume))
         env = open_env(config, env_id, stack)
         stack.callback(env.close)
-        env = attach_teleop(config, env, console)
+        env = attach_teleop(config, attach_reward_classifier(config, env, console), console)
         if hasattr(env, "device"):
             stack.callback(env.device.close)  # the env itself is closed by the callback above
         video = None

@@ -96,3 +96,19 @@ def test_camera_benchmark_quick(tmp_path: Path) -> None:
     assert set(results["targets"]) == {"frame_age_p99_le_38.3ms", "assembly_p99_le_2ms"}
     assert all(isinstance(flag, bool) for flag in results["targets"].values())
     assert "PASS" in completed.stdout or "FAIL" in completed.stdout
+
+
+def test_sac_sweep_quick(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sac_sweep.py"), "--quick", "--json", str(out),
+         "learner.sac.utd_ratio=2", "robot.task.dense_reward_weight=0.3"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    results = json.loads(out.read_text())
+    assert results["overrides"] == ["learner.sac.utd_ratio=2", "robot.task.dense_reward_weight=0.3"]
+    assert [point["env_steps"] for point in results["curve"]] == [150, 300]
+    assert all(0.0 <= point["success_rate"] <= 1.0 for point in results["curve"])
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sac_sweep.py"), "--quick", "learner.sac.nope=1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "no field 'nope'" in bad.stderr

@@ -122,7 +122,9 @@ def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, pat
         y = to_pixel(0, tick)[1]
         cv2.line(image, (left, y), (width - right, y), (225, 225, 225), 1)
         cv2.putText(image, f"{tick:.0%}", (left - 55, y + 5), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
-    for tick in np.linspace(0, steps, 7):
+    spacing = next(step for step in (100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 10**9)
+                   if steps / step <= 8)
+    for tick in range(0, steps + 1, spacing):
         x = to_pixel(tick, 0.0)[0]
         cv2.line(image, (x, top), (x, top + plot_h), (235, 235, 235), 1)
         cv2.putText(image, f"{int(tick):,}", (x - 25, top + plot_h + 22), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few hundred steps")
     args = parser.parse_args(argv)
 
+    machine = machine_info()  # before the runs: its load average is the machine's before we loaded it
     config = load_config(args.config)
     steps, eval_episodes = args.steps, args.eval_episodes
     if args.quick:
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             draw_curves(variants, steps, f"{config.name}: evaluation success (seed {config.seed})", args.png)
             print(f"wrote {args.png}")
     results = {
-        "machine": machine_info(),
+        "machine": machine,
         "quick": args.quick,
         "config": config.name,
         "seed": config.seed,

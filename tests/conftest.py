@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import threading
 from contextlib import contextmanager
@@ -65,3 +66,16 @@ def running_server(config: SessionConfig, backend: RobotBackend | None = None) -
 @pytest.fixture
 def kinematic_config() -> SessionConfig:
     return configure(backend="kinematic")
+
+
+@pytest.fixture
+def key_pipe():
+    """An os.pipe() standing in for a terminal: a keyboard device reads the first fd, the test
+    writes key bytes into the second."""
+    read_fd, write_fd = os.pipe()
+    yield read_fd, write_fd
+    for fd in (read_fd, write_fd):
+        try:
+            os.close(fd)
+        except OSError:
+            pass

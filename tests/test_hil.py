@@ -64,17 +64,6 @@ def keyboard(read_fd: int) -> KeyboardTeleop:
     return KeyboardTeleop(config, 4, fd=read_fd)
 
 
-@pytest.fixture
-def key_pipe():
-    read_fd, write_fd = os.pipe()
-    yield read_fd, write_fd
-    for fd in (read_fd, write_fd):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def wait_until(predicate, timeout_s: float = TIMEOUT_S, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():

@@ -80,17 +80,6 @@ def keyboard_config(**changes) -> KeyboardTeleopConfig:
     return dataclasses.replace(config, **{"key_hold_s": 0.25, "key_repeat_hold_s": 0.05, **changes})
 
 
-@pytest.fixture
-def key_pipe():
-    read_fd, write_fd = os.pipe()
-    yield read_fd, write_fd
-    for fd in (read_fd, write_fd):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def test_terminal_key_decoder_handles_split_escape_sequences_and_lone_esc():
     decoder = TerminalKeyDecoder(escape_timeout_s=0.03)
     assert decoder.feed(b"wW\r \x7f", now=0.0) == ["w", "w", "enter", "space", "backspace"]

@@ -102,6 +102,21 @@ def play_episode(env: RobotEnv, policy: Callable[[dict], np.ndarray], seed: int)
     return Episode(steps, float(sum(step[2] for step in steps)), bool(info.get("success", 0.0)))
 
 
+def record_episodes(env: RobotEnv, policy: Callable[[dict], np.ndarray], episodes: int, first_seed: int,
+                    keep_failures: bool = False, max_attempts: int | None = None) -> tuple[list[Episode], int]:
+    """Play episodes from seeds ``first_seed, first_seed + 1, ...`` until ``episodes`` successful
+    ones (any, with ``keep_failures``) are kept or ``max_attempts`` (default ``5 * episodes``) are
+    played; returns ``(kept episodes, attempts)``."""
+    kept: list[Episode] = []
+    attempts, limit = 0, max_attempts if max_attempts is not None else 5 * episodes
+    while len(kept) < episodes and attempts < limit:
+        episode = play_episode(env, policy, seed=first_seed + attempts)
+        attempts += 1
+        if episode.success or keep_failures:
+            kept.append(episode)
+    return kept, attempts
+
+
 def run_episodes(env: RobotEnv, policy: Callable[[dict], np.ndarray], episodes: int, seed: int,
                  on_episode: Callable[[int, float, int, bool, float], None]) -> list[bool]:
     """Run ``episodes`` episodes; ``on_episode(index, return, length, success, steps_per_s)``."""

@@ -2,8 +2,8 @@
 robot cell in one process (no sockets, no pacing), with an evaluation curve.
 
 It answers "does this change learn faster?" in a fraction of the time of a full `steerl train`
-session (same networks, updates, batches and demos; the actor's random steps, the 50/50 batches
-and the state standardisation as in learner/learner.py), so that only promising settings go on to
+session (same networks, updates and demos; the actor's random steps, the mixed demo/online batches
+(`learner.replay.sample_mixed`) and the state standardisation as the learner does them), so that only promising settings go on to
 benchmarks/learning.py. Overrides are dotted config paths with JSON values::
 
     python benchmarks/sac_sweep.py --steps 20000 learner.sac.utd_ratio=4 robot.task.dense_reward_weight=0.3
@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from actor.env import make_env  # noqa: E402
-from actor.rollout import play_episode  # noqa: E402
+from actor.rollout import play_episode, record_episodes  # noqa: E402
 from benchmarks.machine import machine_info, write_json  # noqa: E402
 from hardware_configs.schema import SessionConfig, load_config  # noqa: E402
-from learner.replay import ReplayBuffer, concatenate  # noqa: E402
+from learner.replay import ReplayBuffer, sample_mixed  # noqa: E402
 from learner.sac import SACAgent  # noqa: E402
 from policies.scripted import ScriptedExpert  # noqa: E402
 
@@ -56,17 +56,13 @@ def with_override(config: Any, dotted: str, value: Any) -> Any:
 def record_demos(env, config: SessionConfig, episodes: int, noise: float, keys: tuple[str, ...],
                  buffer: ReplayBuffer) -> None:
     expert = ScriptedExpert(config.robot, noise_std=noise, seed=config.seed)
-    kept, seed = 0, DEMO_SEED
-    while kept < episodes:
-        episode = play_episode(env, expert.act, seed=seed)
-        seed += 1
-        if seed > DEMO_SEED + 5 * episodes:
-            raise RuntimeError(f"the scripted expert succeeded in only {kept} of {seed - DEMO_SEED} episodes")
-        if episode.success:
-            for observation, action, reward, next_observation, terminated, truncated in episode.steps:
-                buffer.add({k: observation[k] for k in keys}, action, reward, {k: next_observation[k] for k in keys},
-                           terminated, truncated)
-            kept += 1
+    kept, attempts = record_episodes(env, expert.act, episodes, DEMO_SEED)
+    if len(kept) < episodes:
+        raise RuntimeError(f"the scripted expert succeeded in only {len(kept)} of {attempts} episodes")
+    for episode in kept:
+        for observation, action, reward, next_observation, terminated, truncated in episode.steps:
+            buffer.add({k: observation[k] for k in keys}, action, reward, {k: next_observation[k] for k in keys},
+                       terminated, truncated)
 
 
 def run(config: SessionConfig, steps: int, demos: int, demo_noise: float, eval_every: int, eval_episodes: int,
@@ -83,7 +79,7 @@ def run(config: SessionConfig, steps: int, demos: int, demo_noise: float, eval_e
     if demos:
         record_demos(env, config, demos, demo_noise, keys, demo_buffer)
     online = ReplayBuffer(observation_space, action_dim, config.learner.replay_capacity, seed=config.seed)
-    demo_rows = int(round(sac.batch_size * config.learner.demo_ratio)) if demos else 0
+    sample_rng = np.random.default_rng(config.seed)
 
     def select(observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: observation[k] for k in keys}
@@ -107,14 +103,11 @@ def run(config: SessionConfig, steps: int, demos: int, demo_noise: float, eval_e
         if terminated or truncated:
             observation, _ = env.reset()
         if len(online) >= config.learner.learning_starts:
-            if sac.normalize_state and not agent.state_normalized:
-                agent.fit_state_normalization([online.observations(keys)] + ([demo_buffer.observations(keys)] if demos else []))
-            parts = []
-            for _ in range(sac.utd_ratio):
-                if demo_rows:
-                    parts.append(demo_buffer.sample(demo_rows))
-                parts.append(online.sample(sac.batch_size - demo_rows))
-            metrics = agent.update(concatenate(parts))
+            demo_sources = [demo_buffer] if demos else []
+            if not agent.state_normalized:
+                agent.fit_state_normalization([buffer.observations(keys) for buffer in [online, *demo_sources]])
+            metrics = agent.update(sample_mixed(online, demo_sources, sac.batch_size, config.learner.demo_ratio,
+                                                sac.utd_ratio, sample_rng))
         if step % eval_every == 0:
             rate = evaluate()
             observation, _ = env.reset()

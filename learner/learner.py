@@ -55,7 +55,7 @@ import torch
 
 from hardware_configs.loader import to_dict
 from hardware_configs.schema import SessionConfig
-from learner.replay import Batch, ReplayBuffer, ReplayFormatError, concatenate
+from learner.replay import Batch, ReplayBuffer, ReplayFormatError, sample_mixed
 from learner.sac import SACAgent
 from learner.service import LearnerService
 from learner.transition_log import TransitionLog
@@ -240,16 +240,9 @@ class Learner:
     def _sample(self) -> Batch:
         assert self.online is not None
         sac = self.settings.sac
-        sources = [buffer for buffer in (self.demos, self.interventions) if buffer is not None and len(buffer)]
-        demo_rows = int(round(sac.batch_size * self.settings.demo_ratio)) if sources else 0
-        sizes = [len(buffer) for buffer in sources]
-        parts = []
-        for _ in range(sac.utd_ratio):
-            if demo_rows:
-                counts = self._rng.multinomial(demo_rows, [size / sum(sizes) for size in sizes])
-                parts += [buffer.sample(int(count)) for buffer, count in zip(sources, counts) if count]
-            parts.append(self.online.sample(sac.batch_size - demo_rows))
-        return concatenate(parts)
+        demo_sources = [buffer for buffer in (self.demos, self.interventions) if buffer is not None]
+        return sample_mixed(self.online, demo_sources, sac.batch_size, self.settings.demo_ratio, sac.utd_ratio,
+                            self._rng)
 
     def ready_to_update(self) -> bool:
         return (self.agent is not None and self.online is not None
@@ -258,7 +251,7 @@ class Learner:
 
     def train_step(self) -> dict[str, float]:
         assert self.agent is not None and self.online is not None
-        if self.settings.sac.normalize_state and not self.agent.state_normalized:
+        if not self.agent.state_normalized:
             keys = tuple(self.spaces.observation)
             sources = [self.online] + ([self.demos] if self.demos is not None else [])
             self.agent.fit_state_normalization([buffer.observations(keys) for buffer in sources])

@@ -216,6 +216,23 @@ def concatenate(batches: list[Batch]) -> Batch:
     )
 
 
+def sample_mixed(online: "ReplayBuffer", demo_sources: list["ReplayBuffer"], batch_size: int, demo_ratio: float,
+                 minibatches: int, rng: np.random.Generator) -> Batch:
+    """``minibatches`` stacked minibatches of ``batch_size`` rows: ``round(batch_size * demo_ratio)``
+    rows from the non-empty ``demo_sources`` (split between them in proportion to their sizes,
+    drawn per minibatch) and the rest from ``online`` (RLPD's symmetric sampling)."""
+    sources = [buffer for buffer in demo_sources if len(buffer)]
+    demo_rows = int(round(batch_size * demo_ratio)) if sources else 0
+    shares = np.array([len(buffer) for buffer in sources], dtype=np.float64)
+    parts = []
+    for _ in range(minibatches):
+        if demo_rows:
+            counts = rng.multinomial(demo_rows, shares / shares.sum())
+            parts += [buffer.sample(int(count)) for buffer, count in zip(sources, counts) if count]
+        parts.append(online.sample(batch_size - demo_rows))
+    return concatenate(parts)
+
+
 # ------------------------------------------------------------------------------------------------
 # the buffer
 # ------------------------------------------------------------------------------------------------

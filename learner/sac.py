@@ -294,8 +294,8 @@ class SACAgent:
     def fit_state_normalization(self, observations: list[Mapping[str, np.ndarray]]) -> None:
         """Measure the state statistics on batched observation dicts (e.g. the demo buffer's and the
         online buffer's) and freeze them in the encoder and its target (see the module docstring)."""
-        if not self.encoder.state_keys:
-            self.state_normalized = True
+        if not self.encoder.state_keys or not self.config.normalize_state:
+            self.state_normalized = True  # nothing to measure: the encoder keeps mean 0, std 1
             return
         states = np.concatenate([self.encoder.state_vector(fields) for fields in observations], axis=0)
         for encoder in (self.encoder, self.target_encoder):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
-from learner.replay import Batch, InvalidTransition, ReplayBuffer, ReplayFormatError, concatenate
+from learner.replay import Batch, InvalidTransition, ReplayBuffer, ReplayFormatError, concatenate, sample_mixed
 
 SMALL_IMAGE = (8, 8, 3)
 ACTION_DIM = 4
@@ -527,3 +527,22 @@ def test_crash_mid_save_does_not_break_loading(tmp_path, caplog):
 def test_load_without_any_copy_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         ReplayBuffer.load(tmp_path / "nothing")
+
+
+def test_sample_mixed_splits_the_demo_share_between_sources_by_size() -> None:
+    space = make_space()
+
+    def filled(stream: int, count: int) -> ReplayBuffer:
+        buffer = ReplayBuffer(space, 2, 1000, seed=stream)
+        for step in range(count):
+            buffer.add(encode(space, stream, 0, step), np.zeros(2, np.float32), 0.0, encode(space, stream, 0, step + 1),
+                       False, False, stream_id=stream)
+        return buffer
+
+    online, demos, interventions, empty = filled(0, 50), filled(1, 300), filled(2, 100), ReplayBuffer(space, 2, 1000)
+    batch = sample_mixed(online, [demos, empty, interventions], 64, 0.5, 4, np.random.default_rng(0))
+    source = batch.observations["state"][:, 0].astype(int)
+    assert len(batch) == 4 * 64 and np.sum(source == 0) == 4 * 32  # exactly half online
+    assert 0.65 < np.sum(source == 1) / np.sum(source != 0) < 0.85  # demos : interventions = 3 : 1
+    only_online = sample_mixed(online, [empty], 64, 0.5, 2, np.random.default_rng(0))
+    assert len(only_online) == 128 and np.all(only_online.observations["state"][:, 0] == 0)

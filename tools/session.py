@@ -32,7 +32,7 @@ from actor.acting import ActingLoop, ActingStats
 from actor.env import RobotEnv, make_gym_env
 from actor.learner_link import LearnerLink
 from actor.video import EpisodeVideoRecorder
-from actor.rollout import connect_env, play_episode, robot_server_process, steerl_child
+from actor.rollout import connect_env, record_episodes, robot_server_process, steerl_child
 from hardware_configs.schema import SessionConfig
 from transport.spaces import RobotSpaces
 
@@ -235,18 +235,14 @@ def record_demos(config: SessionConfig, episodes: int, out: str | Path, keep_fai
     from policies.scripted import ScriptedExpert
 
     expert = ScriptedExpert(config.robot, noise_std=noise_std, seed=config.seed)
-    kept = attempted = 0
     with ExitStack() as stack:
         env = open_env(config, None, stack)
         stack.callback(env.close)
         buffer = ReplayBuffer(env.observation_space, env.action_space.shape[0],
                               capacity=max(1000, episodes * config.robot.task.max_episode_steps), seed=config.seed)
-        while kept < episodes and attempted < episodes * 5:
-            episode = play_episode(env, expert.act, seed=config.seed + attempted)
-            attempted += 1
-            if episode.success or keep_failures:
-                for step in episode.steps:
-                    buffer.add(*step)
-                kept += 1
+        kept, attempted = record_episodes(env, expert.act, episodes, config.seed, keep_failures)
+        for episode in kept:
+            for step in episode.steps:
+                buffer.add(*step)
     buffer.save(out)
-    return {"episodes": kept, "attempted": attempted, "transitions": len(buffer), "path": str(out)}
+    return {"episodes": len(kept), "attempted": attempted, "transitions": len(buffer), "path": str(out)}

@@ -38,6 +38,10 @@ setup(
         # Teleop devices (actor/teleop.py): gamepads through pygame's joystick API, SpaceMouse raw HID.
         "pygame>=2.5",
         "hidapi>=0.14",
+        # Generalist policies (policies/): the OpenVLA adapter loads checkpoints through
+        # transformers; the diffusion policy uses the diffusers noise schedulers.
+        "transformers>=5.0",
+        "diffusers>=0.35",
     ],
     extras_require={
         "dev": [

@@ -35,7 +35,9 @@ Tasks (``config.task.name``) and rewards
 
     Reward = ``float(success) + task.dense_reward_weight * shaping`` (shaping in [-1, 0]).
     With ``task.privileged_state`` the observation gains ``task/goal_xyz`` (reach) or
-    ``task/cube_pose`` (pick_cube: xyz and quaternion xyzw).
+    ``task/cube_pose`` (pick_cube: xyz and quaternion xyzw), and the target relative to the TCP,
+    ``task/goal_offset`` or ``task/cube_offset`` (target xyz minus TCP xyz): a policy needs the
+    difference to within millimetres, which an MLP reads far more easily than it computes it.
 
 Cameras
     ``front``: fixed, in front of the table looking back at the workspace from above.
@@ -208,6 +210,10 @@ class _PandaKinematics:
         p.disconnect(physicsClientId=self._client)
 
 
+def _bounded_position(xyz: np.ndarray) -> np.ndarray:
+    return np.clip(xyz, -POSITION_BOUND, POSITION_BOUND).astype(np.float32)
+
+
 class _Task(Protocol):
     def randomise(self, rng: np.random.Generator) -> None: ...
 
@@ -217,7 +223,7 @@ class _Task(Protocol):
 
     def observation_specs(self) -> dict[str, FieldSpec]: ...
 
-    def observation(self) -> dict[str, np.ndarray]: ...
+    def observation(self, tcp_xyz: np.ndarray) -> dict[str, np.ndarray]: ...
 
     @property
     def bodies(self) -> list[int]:
@@ -262,11 +268,14 @@ class _ReachTask:
         return distance <= self._task.reach_tolerance_m, -math.tanh(distance / SHAPING_DISTANCE_M)
 
     def observation_specs(self) -> dict[str, FieldSpec]:
-        return {"task/goal_xyz": FieldSpec("float32", (3,), -POSITION_BOUND, POSITION_BOUND)}
+        bound = FieldSpec("float32", (3,), -POSITION_BOUND, POSITION_BOUND)
+        return {"task/goal_xyz": bound, "task/goal_offset": bound}
 
-    def observation(self) -> dict[str, np.ndarray]:
-        goal = np.clip(self.goal, -POSITION_BOUND, POSITION_BOUND).astype(np.float32)
-        return {"task/goal_xyz": goal}
+    def observation(self, tcp_xyz: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "task/goal_xyz": _bounded_position(self.goal),
+            "task/goal_offset": _bounded_position(self.goal - tcp_xyz),
+        }
 
 
 class _PickCubeTask:
@@ -321,12 +330,18 @@ class _PickCubeTask:
         return success, shaping
 
     def observation_specs(self) -> dict[str, FieldSpec]:
-        return {"task/cube_pose": FieldSpec("float32", (7,), self._POSE_LOW, self._POSE_HIGH)}
+        return {
+            "task/cube_pose": FieldSpec("float32", (7,), self._POSE_LOW, self._POSE_HIGH),
+            "task/cube_offset": FieldSpec("float32", (3,), -POSITION_BOUND, POSITION_BOUND),
+        }
 
-    def observation(self) -> dict[str, np.ndarray]:
+    def observation(self, tcp_xyz: np.ndarray) -> dict[str, np.ndarray]:
         xyz, quat = self.pose()
         pose = np.clip(np.concatenate([xyz, quat]), self._POSE_LOW, self._POSE_HIGH)
-        return {"task/cube_pose": pose.astype(np.float32)}
+        return {
+            "task/cube_pose": pose.astype(np.float32),
+            "task/cube_offset": _bounded_position(xyz - tcp_xyz),
+        }
 
 
 _TASKS = {"reach": _ReachTask, "pick_cube": _PickCubeTask}
@@ -493,7 +508,9 @@ class PyBulletCell(RobotBackend):
         return self._task.observation_specs() if self._config.task.privileged_state else {}
 
     def read_task_observation(self) -> dict[str, np.ndarray]:
-        return self._task.observation() if self._config.task.privileged_state else {}
+        if not self._config.task.privileged_state:
+            return {}
+        return self._task.observation(self._tcp_link_state()[0])
 
     # ------------------------------------------------------------------------------ cameras
 

@@ -1,0 +1,144 @@
+"""The one interface every policy class implements: K action samples for a batch of observations.
+
+A *policy* maps a batch of observations to actions in the robot's normalised action space
+(``Box(-1, 1, (A,))``, the space the robot server's action config scales). Everything that
+consumes policies (the actor, the policy server, V-GPS re-ranking, PA-RL) goes through
+:class:`Policy` only:
+
+``sample(observations, num_samples, deterministic=False) -> Tensor [B, K, A]``
+    ``observations`` is a mapping from observation key to a batch (numpy arrays or tensors with
+    a leading batch dimension ``B``; images uint8 ``[B, H, W, C]``; a language instruction, where a
+    policy takes one, is a key holding a sequence of ``B`` strings). The result lives on the
+    policy's device. ``deterministic=True`` returns the policy's single best guess for every one of
+    the ``K`` slots (the mean for a Gaussian, DDIM from zero noise for a diffusion policy, greedy
+    decoding for a VLA), so callers never need a second code path.
+``act(observation, deterministic=False) -> np.ndarray [A]``
+    One unbatched observation -> one float32 action; a convenience over :meth:`Policy.sample`.
+``to(device)``
+    Moves the policy; returns it.
+``save(directory)`` / ``load_policy(directory)``
+    A policy directory holds ``policy.json`` (``{"kind": ..., ...}``) and whatever weights the kind
+    needs (safetensors, never pickle). :func:`load_policy` dispatches on ``kind`` through the
+    registry that :func:`register_policy` fills.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar, Union
+
+import numpy as np
+import torch
+
+PolicyInput = Mapping[str, Union[np.ndarray, torch.Tensor, Sequence[str]]]
+POLICY_FILE = "policy.json"
+
+_REGISTRY: dict[str, type["Policy"]] = {}
+P = TypeVar("P", bound=type["Policy"])
+
+
+class Policy(abc.ABC):
+    """Base class of every policy (see the module docstring)."""
+
+    #: the ``kind`` written to ``policy.json``; set by :func:`register_policy`.
+    kind: ClassVar[str] = ""
+    #: dimension ``A`` of the normalised action space.
+    action_dim: int
+
+    @abc.abstractmethod
+    def sample(self, observations: PolicyInput, num_samples: int, deterministic: bool = False) -> torch.Tensor:
+        """``num_samples`` actions per observation, ``[B, K, A]`` in ``[-1, 1]`` on :attr:`device`."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where the policy's weights (and the samples it returns) live."""
+
+    @abc.abstractmethod
+    def to(self, device: torch.device | str) -> "Policy":
+        """Move the policy to ``device``; returns ``self``."""
+
+    @abc.abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Write ``policy.json`` and the weights into ``directory`` (created if missing)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, directory: Path, device: torch.device | str = "cpu") -> "Policy":
+        """Rebuild a policy that :meth:`save` wrote into ``directory``."""
+
+    def act(self, observation: PolicyInput, deterministic: bool = False) -> np.ndarray:
+        """One unbatched observation -> one float32 action ``[A]``."""
+        batched = {key: batch_of_one(value) for key, value in observation.items()}
+        with torch.inference_mode():
+            action = self.sample(batched, 1, deterministic=deterministic)[0, 0]
+        return action.float().cpu().numpy()
+
+
+def batch_of_one(value: Any) -> Any:
+    """Add a leading batch dimension of one to an array, a tensor or a string."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, torch.Tensor):
+        return value.unsqueeze(0)
+    return np.asarray(value)[None]
+
+
+def register_policy(kind: str) -> Callable[[P], P]:
+    """Class decorator: make ``kind`` loadable by :func:`load_policy`."""
+
+    def decorate(cls: P) -> P:
+        if kind in _REGISTRY and _REGISTRY[kind] is not cls:
+            raise ValueError(f"policy kind {kind!r} is already registered by {_REGISTRY[kind].__name__}")
+        cls.kind = kind
+        _REGISTRY[kind] = cls
+        return cls
+
+    return decorate
+
+
+def write_policy_file(directory: str | Path, kind: str, **fields: Any) -> Path:
+    """Create ``directory`` and write its ``policy.json`` (``kind`` plus JSON-safe ``fields``)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / POLICY_FILE).write_text(json.dumps({"kind": kind, **fields}, indent=2, sort_keys=True))
+    return directory
+
+
+def read_policy_file(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``policy.json`` of ``directory``, with errors that name the file."""
+    path = Path(directory) / POLICY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (not a policy directory written by Policy.save)")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(content, dict) or not isinstance(content.get("kind"), str):
+        raise ValueError(f"{path}: needs a string field 'kind'")
+    return content
+
+
+def load_policy(directory: str | Path, device: torch.device | str = "cpu") -> Policy:
+    """Load any registered policy kind from a directory written by :meth:`Policy.save`."""
+    _import_builtin_policies()
+    kind = read_policy_file(directory)["kind"]
+    if kind not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"{Path(directory) / POLICY_FILE}: unknown policy kind {kind!r} (known: {known})")
+    return _REGISTRY[kind].load(Path(directory), device)
+
+
+def _import_builtin_policies() -> None:
+    """Import the modules that register the built-in kinds (they are imported lazily because the
+    VLA adapter pulls in transformers)."""
+    import importlib
+
+    for module in ("policies.sac_policy", "policies.diffusion", "policies.openvla"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise

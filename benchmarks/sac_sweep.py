@@ -33,12 +33,14 @@ from actor.env import make_env  # noqa: E402
 from actor.rollout import play_episode, record_episodes  # noqa: E402
 from benchmarks.machine import machine_info, write_json  # noqa: E402
 from hardware_configs.schema import SessionConfig, load_config  # noqa: E402
+from learner.learner import save_agent  # noqa: E402
 from learner.replay import ReplayBuffer, sample_mixed  # noqa: E402
 from learner.sac import SACAgent  # noqa: E402
 from policies.scripted import ScriptedExpert  # noqa: E402
 
 EVAL_SEED = 100_000
 DEMO_SEED = 10_000
+CUBE_RESTING_Z_M = 0.02
 
 
 def with_override(config: Any, dotted: str, value: Any) -> Any:
@@ -65,8 +67,22 @@ def record_demos(env, config: SessionConfig, episodes: int, noise: float, keys: 
                        terminated, truncated)
 
 
+def failure_kind(episode) -> str:
+    """Where a failed pick_cube episode went wrong, from the full observations: ``far`` (the TCP never
+    came within 2 cm of the cube), ``no_lift`` (came close, the cube never rose 1 cm), ``dropped``
+    (lifted but not held at the height); ``other`` for tasks without a cube."""
+    observations = [step[3] for step in episode.steps]
+    if "task/cube_offset" not in observations[0]:
+        return "other"
+    closest = min(float(np.linalg.norm(o["task/cube_offset"])) for o in observations)
+    highest = max(float(o["task/cube_pose"][2]) for o in observations)
+    if closest > 0.02:
+        return "far"
+    return "no_lift" if highest < CUBE_RESTING_Z_M + 0.01 else "dropped"
+
+
 def run(config: SessionConfig, steps: int, demos: int, demo_noise: float, eval_every: int, eval_episodes: int,
-        tag: str) -> dict[str, Any]:
+        tag: str, save: Path | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     env = make_env(config)
     keys = tuple(config.learner.observation_keys) or tuple(env.observation_space.spaces)
@@ -84,10 +100,15 @@ def run(config: SessionConfig, steps: int, demos: int, demo_noise: float, eval_e
     def select(observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: observation[k] for k in keys}
 
-    def evaluate() -> float:
-        successes = [play_episode(env, lambda o: agent.act(select(o), deterministic=True), seed=EVAL_SEED + i).success
-                     for i in range(eval_episodes)]
-        return float(np.mean(successes))
+    def evaluate() -> tuple[float, dict[str, int]]:
+        episodes = [play_episode(env, lambda o: agent.act(select(o), deterministic=True), seed=EVAL_SEED + i)
+                    for i in range(eval_episodes)]
+        failures: dict[str, int] = {}
+        for episode in episodes:
+            if not episode.success:
+                kind = failure_kind(episode)
+                failures[kind] = failures.get(kind, 0) + 1
+        return float(np.mean([episode.success for episode in episodes])), failures
 
     env.action_space.seed(config.seed)
     observation, _ = env.reset(seed=config.seed)
@@ -109,12 +130,16 @@ def run(config: SessionConfig, steps: int, demos: int, demo_noise: float, eval_e
             metrics = agent.update(sample_mixed(online, demo_sources, sac.batch_size, config.learner.demo_ratio,
                                                 sac.utd_ratio, sample_rng))
         if step % eval_every == 0:
-            rate = evaluate()
+            rate, failures = evaluate()
             observation, _ = env.reset()
-            curve.append({"env_steps": step, "success_rate": rate, "wall_s": round(time.monotonic() - started, 1)})
-            print(f"[{tag}] step {step} eval {rate:.2f} q {metrics.get('q_mean', 0.0):.3f} "
+            curve.append({"env_steps": step, "success_rate": rate, "failures": failures,
+                          "wall_s": round(time.monotonic() - started, 1)})
+            print(f"[{tag}] step {step} eval {rate:.2f} failures {failures} q {metrics.get('q_mean', 0.0):.3f} "
                   f"temperature {metrics.get('temperature', 0.0):.4f} {time.monotonic() - started:.0f} s", flush=True)
     env.close()
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        save_agent(agent, save)
     return {"tag": tag, "curve": curve, "wall_s": round(time.monotonic() - started, 1)}
 
 
@@ -129,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--tag", default="run")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--save", type=Path, help="write the final agent here as a learner checkpoint")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few hundred steps")
     args = parser.parse_args(argv)
 
@@ -141,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         config = with_override(config, "learner.learning_starts", 100)
         config = with_override(config, "actor.random_steps", 100)
         steps, eval_every, eval_episodes, demos = 300, 150, 2, min(demos, 2)
-    result = run(config, steps, demos, args.demo_noise, eval_every, eval_episodes, args.tag)
+    result = run(config, steps, demos, args.demo_noise, eval_every, eval_episodes, args.tag, args.save)
     write_json(args.json, {"machine": machine_info(), "quick": args.quick, "config": config.name,
                            "overrides": args.overrides, "demos": demos, "demo_noise": args.demo_noise, **result})
     return 0

@@ -213,20 +213,24 @@ def test_different_seeds_place_goal_and_cube_differently(make_cell) -> None:
 
 
 @pytest.mark.parametrize(
-    "config, key, size",
-    [(REACH, "task/goal_xyz", 3), (PICK, "task/cube_pose", 7)],
+    "config, target_key, offset_key, size",
+    [(REACH, "task/goal_xyz", "task/goal_offset", 3), (PICK, "task/cube_pose", "task/cube_offset", 7)],
 )
-def test_task_observation_matches_its_spec(make_cell, config, key: str, size: int) -> None:
+def test_task_observation_matches_its_spec(make_cell, config, target_key: str, offset_key: str, size: int) -> None:
     cell = make_cell(config)
     specs = cell.task_observation_specs()
-    assert list(specs) == [key]
-    assert specs[key].dtype == "float32" and specs[key].shape == (size,)
-    box = specs[key].to_box()
+    assert sorted(specs) == sorted([target_key, offset_key])
+    assert specs[target_key].dtype == "float32" and specs[target_key].shape == (size,)
+    assert specs[offset_key].dtype == "float32" and specs[offset_key].shape == (3,)
     for seed in range(3):
         reset(cell, seed)
-        value = cell.read_task_observation()[key]
-        assert value.dtype == np.float32
-        assert box.contains(value)
+        observation = cell.read_task_observation()
+        for key, spec in specs.items():
+            assert observation[key].dtype == np.float32
+            assert spec.to_box().contains(observation[key])
+        # The offset is the target's position relative to the TCP, in metres.
+        tcp_xyz = cell.read_state().tcp_xyz
+        np.testing.assert_allclose(observation[offset_key], observation[target_key][:3] - tcp_xyz, atol=1e-5)
 
 
 def test_task_observation_is_empty_without_privileged_state(make_cell) -> None:

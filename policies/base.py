@@ -20,6 +20,10 @@ consumes policies (the actor, the policy server, V-GPS re-ranking, PA-RL) goes t
     A policy directory holds ``policy.json`` (``{"kind": ..., ...}``) and whatever weights the kind
     needs (safetensors, never pickle). :func:`load_policy` dispatches on ``kind`` through the
     registry that :func:`register_policy` fills.
+
+Helpers shared by the kinds: :func:`observations_to_tensors` (numpy or tensor fields -> tensors on
+a device) and :func:`save_module_weights` / :func:`load_module_weights` (an ``nn.Module``'s state
+as ``model.safetensors``, loaded strictly with errors that name the file).
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar, Union
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
+from torch import nn
 
 PolicyInput = Mapping[str, Union[np.ndarray, torch.Tensor, Sequence[str]]]
 POLICY_FILE = "policy.json"
+WEIGHTS_FILE = "model.safetensors"
 
 _REGISTRY: dict[str, type["Policy"]] = {}
 P = TypeVar("P", bound=type["Policy"])
@@ -84,6 +92,58 @@ def batch_of_one(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.unsqueeze(0)
     return np.asarray(value)[None]
+
+
+def observations_to_tensors(
+    observations: PolicyInput, keys: Sequence[str], device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    """The fields ``keys`` of a batch (numpy arrays or tensors) as tensors on ``device``, dtypes kept
+    (uint8 images stay uint8); a missing field is a ``KeyError`` naming it and the fields present."""
+    missing = [key for key in keys if key not in observations]
+    if missing:
+        raise KeyError(f"observation fields {missing} are missing (got: {', '.join(sorted(observations))})")
+    tensors = {}
+    for key in keys:
+        value = observations[key]
+        if not isinstance(value, torch.Tensor):
+            array = np.asarray(value)
+            # A read-only array (e.g. a view of a received message) cannot back a tensor: copy it.
+            value = torch.from_numpy(array if array.flags.writeable else array.copy())
+        tensors[key] = value.to(device, non_blocking=True)
+    return tensors
+
+
+def save_module_weights(module: nn.Module, directory: str | Path) -> Path:
+    """Write ``module.state_dict()`` (CPU, contiguous) as ``directory/model.safetensors``."""
+    path = Path(directory) / WEIGHTS_FILE
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in module.state_dict().items()}
+    safetensors.torch.save_file(state, str(path))
+    return path
+
+
+def load_module_weights(module: nn.Module, directory: str | Path) -> None:
+    """Load ``directory/model.safetensors`` into ``module`` strictly: missing, unexpected or
+    differently shaped tensors (weights that do not belong to the policy ``policy.json`` describes)
+    raise errors naming the file."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (the policy's weights)")
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the tensors do not match the policy described by {POLICY_FILE} "
+                         f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    wrong = [f"{name} {tuple(tensors[name].shape)}, expected {tuple(tensor.shape)}"
+             for name, tensor in expected.items() if tensors[name].shape != tensor.shape]
+    if wrong:
+        raise ValueError(f"{path}: tensor shapes do not match the policy described by {POLICY_FILE}: "
+                         + "; ".join(wrong[:3]))
+    module.load_state_dict(tensors, strict=True)
 
 
 def register_policy(kind: str) -> Callable[[P], P]:

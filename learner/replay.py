@@ -484,6 +484,11 @@ class ReplayBuffer:
     # -- sample -----------------------------------------------------------------------------------
     def sample(self, batch_size: int) -> Batch:
         """``batch_size`` transitions drawn uniformly (with replacement) from the valid ones."""
+        return self.sample_with_rows(batch_size)[0]
+
+    def sample_with_rows(self, batch_size: int) -> tuple[Batch, np.ndarray]:
+        """:meth:`sample`, and the transition rows drawn (int64 ``[batch_size]``, the row numbers of
+        :meth:`transition_table`), e.g. to gather per-row values kept beside the buffer."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         with self._lock:
@@ -499,7 +504,17 @@ class ReplayBuffer:
                 next_observations={k: a.take(next_slots, axis=0) for k, a in self._obs.items()},
                 terminated=self._terminated.take(rows).astype(np.float32),
                 intervened=self._intervened.take(rows),
-            )
+            ), rows
+
+    def transition_table(self) -> dict[str, np.ndarray]:
+        """Copies of the per-transition arrays that :meth:`save` writes (``obs_index``,
+        ``next_obs_index``, ``actions``, ``rewards``, ``terminated``, ``truncated``, ``intervened``,
+        ``stream_id``, ``add_index``, ``valid``), ``min(transitions_added, capacity)`` rows indexed by
+        transition row: the episode structure, e.g. to compute returns-to-go."""
+        with self._lock:
+            rows = min(self._added, self.capacity)
+            return {stem: (self._valid_pos[:rows] >= 0) if stem == "valid"
+                    else getattr(self, f"_{stem}")[:rows].copy() for stem in TRANSITION_FILES}
 
     def observations(self, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Copies of the observations of every valid transition (``[len(self), ...]`` per field,

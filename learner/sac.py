@@ -46,6 +46,11 @@ encoder (online and target) then feeds ``(x - mean) / std`` to every network. Th
 frozen afterwards (moving them would shift every network's input under it) and are part of the
 published policy and of the checkpoints.
 
+Extensions: an algorithm built on this update (Cal-QL, learner/calql.py) subclasses
+:class:`SACAgent` and adds loss terms through :meth:`SACAgent._critic_regularizer` and
+:meth:`SACAgent._actor_regularizer`; both add nothing here. It keeps the networks, optimisers and
+checkpoint format, so its checkpoints load into a plain :class:`SACAgent`.
+
 Checkpoints hold no pickle: :meth:`SACAgent.checkpoint_tensors` is a flat ``name -> tensor`` dict
 (for safetensors) and :meth:`SACAgent.checkpoint_meta` a JSON-able dict; optimiser states are
 flattened into both (per-parameter moments as tensors, hyper-parameters as JSON).
@@ -338,9 +343,10 @@ class SACAgent:
         size = rows // utd
         critic_metrics: list[dict[str, torch.Tensor]] = []
         for index in range(utd):
-            prepared_observation, metrics = self._critic_step(data.rows(index * size, (index + 1) * size))
+            minibatch = data.rows(index * size, (index + 1) * size)
+            prepared_observation, metrics = self._critic_step(minibatch)
             critic_metrics.append(metrics)
-        actor_metrics = self._actor_and_temperature_step(prepared_observation)
+        actor_metrics = self._actor_and_temperature_step(prepared_observation, minibatch)
         self.update_count += 1
 
         names = list(critic_metrics[0])
@@ -394,6 +400,11 @@ class SACAgent:
             "td_target_mean": target.mean(),
         }
         loss = critic_loss
+        regularizer = self._critic_regularizer(batch, features, next_features, q_values)
+        if regularizer is not None:
+            regularizer_loss, regularizer_metrics = regularizer
+            loss = loss + regularizer_loss
+            metrics.update(regularizer_metrics)
         if self.use_gripper_critic:
             gripper_loss, gripper_q = self._gripper_loss(batch, features.detach(), next_features, target_features)
             loss = loss + gripper_loss
@@ -406,6 +417,26 @@ class SACAgent:
         with torch.no_grad():
             torch._foreach_lerp_(self._polyak_target, self._polyak_online, self.config.tau)
         return observation, metrics
+
+    def _critic_regularizer(
+        self, batch: TorchBatch, features: torch.Tensor, next_features: torch.Tensor, q_data: torch.Tensor
+    ) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """An extra term of the critic loss and its metrics, for algorithms built on this update
+        (Cal-QL's conservative regulariser, learner/calql.py); plain SAC adds none.
+
+        ``features``: phi(s) with gradient (the term may train the encoder and the critics);
+        ``next_features``: phi(s') without gradient; ``q_data``: ``[E, B]`` Q_i(s, a) of the batch's
+        (continuous) actions, the tensor the TD loss uses.
+        """
+        return None
+
+    def _actor_regularizer(
+        self, batch: TorchBatch, actions: torch.Tensor, log_prob: torch.Tensor
+    ) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """An extra term of the actor loss and its metrics (e.g. a behaviour-cloning term); plain SAC
+        adds none. ``actions``: the reparameterised policy actions ``[B, continuous_dim]`` at the
+        batch's observations, ``log_prob`` their log-densities ``[B]``."""
+        return None
 
     def _gripper_loss(
         self, batch: TorchBatch, features: torch.Tensor, next_features: torch.Tensor, target_features: torch.Tensor
@@ -422,13 +453,22 @@ class SACAgent:
         q_taken = head(features).gather(1, labels[:, None]).squeeze(1)
         return F.mse_loss(q_taken, target), q_taken.detach().mean()
 
-    def _actor_and_temperature_step(self, observation: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _actor_and_temperature_step(
+        self, observation: dict[str, torch.Tensor], batch: Optional[TorchBatch] = None
+    ) -> dict[str, torch.Tensor]:
+        """One actor and one temperature step on prepared observations (``batch``: the minibatch
+        they came from, for :meth:`_actor_regularizer`)."""
         with torch.no_grad():  # the actor uses the critic's encoder but never trains it
             features = self.encoder.encode(observation)
         actions, log_prob = self.policy.head(features, generator=self.generator)
         q_values = self.critic(features, actions, detach_params=True)
         alpha = self.log_alpha.detach().exp()
         actor_loss = (alpha * log_prob - q_values.mean(dim=0)).mean()
+        extra_metrics: dict[str, torch.Tensor] = {}
+        regularizer = self._actor_regularizer(batch, actions, log_prob) if batch is not None else None
+        if regularizer is not None:
+            regularizer_loss, extra_metrics = regularizer
+            actor_loss = actor_loss + regularizer_loss
         temperature_loss = (-self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
 
         self.actor_optimizer.zero_grad(set_to_none=True)
@@ -442,6 +482,7 @@ class SACAgent:
             "temperature_loss": temperature_loss.detach(),
             "temperature": self.log_alpha.detach().exp(),
             "entropy": -log_prob.detach().mean(),
+            **extra_metrics,
         }
 
     # ----------------------------------------------------------------------------------------

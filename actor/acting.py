@@ -1,11 +1,13 @@
 """The acting loop: observe, act, step the robot, ship the transition — never waiting on the learner.
 
 Per step the loop picks an action (uniform random during the first ``actor.random_steps`` steps,
-then the newest policy the learner published), steps the env, and hands the transition to the
-:class:`~actor.learner_link.LearnerLink`, whose thread does the network work. New weights are
-swapped in between steps. Every ``actor.eval_every_episodes`` episodes it runs
-``actor.eval_episodes`` deterministic evaluation episodes (also shipped as data, marked as
-evaluation in their summaries, and counted in ``env_steps``: every step the robot took is).
+then the newest policy the learner published, or, with ``actor.policy_source: remote``, the
+:class:`~actor.remote_policy.RemotePolicy` set as :attr:`ActingLoop.policy`, which returns a
+zero-motion hold action whenever the policy server does not answer in time), steps the env, and
+hands the transition to the :class:`~actor.learner_link.LearnerLink`, whose thread does the
+network work. New weights are swapped in between steps. Every ``actor.eval_every_episodes``
+episodes it runs ``actor.eval_episodes`` deterministic evaluation episodes (also shipped as data,
+marked as evaluation in their summaries, and counted in ``env_steps``: every step the robot took is).
 
 Human in the loop: when a teleop device overrides the policy (the env is wrapped in an
 :class:`~actor.intervention.InterventionWrapper`), the transition carries the action the robot
@@ -41,9 +43,11 @@ from actor.env import RobotEmergencyStopped, RobotEnv
 from actor.intervention import find_intervention_wrapper
 from actor.learner_link import LearnerLink
 from actor.operator import SUCCESS_REWARD, EpisodeEnd, OperatorControl, OperatorState, find_teleop_device
+from actor.remote_policy import RemotePolicy
 from actor.teleop import TeleopDevice
 from actor.video import EpisodeVideoRecorder
 from hardware_configs.schema import SessionConfig
+from policies.gaussian import policy_state_to_bytes
 from transport import steerl_pb2 as pb
 
 log = logging.getLogger("steerl.actor")
@@ -74,6 +78,10 @@ class ActingStats:
     # Episodes ended by the operator: success / failure marks, re-recorded (discarded), interrupted.
     operator_ends: collections.Counter = field(default_factory=collections.Counter)
     discarded_episodes: int = 0
+    # The evaluation with the highest success rate so far (the latest among equals): its
+    # eval_history entry plus the policy version, and the weights it evaluated (safetensors bytes).
+    best_eval: dict[str, float] | None = None
+    best_policy_weights: bytes | None = None
 
     @property
     def success_rate(self) -> float:
@@ -130,9 +138,11 @@ class ActingLoop:
 
     def __init__(self, config: SessionConfig, env: RobotEnv, link: LearnerLink | None,
                  observation_keys: tuple[str, ...], first_episode: int = 0,
-                 teleop: TeleopDevice | None = None, video: EpisodeVideoRecorder | None = None) -> None:
+                 teleop: TeleopDevice | None = None, video: EpisodeVideoRecorder | None = None,
+                 episode_seed: int | None = None) -> None:
         """``teleop``: the device read directly between steps (default: the device of an
-        InterventionWrapper around ``env``); ``video``: saves every N-th episode's camera images."""
+        InterventionWrapper around ``env``); ``video``: saves every N-th episode's camera images;
+        ``episode_seed``: seeds the sequence of episode seeds (default: ``config.seed``)."""
         self.config = config
         self.env = env
         self.link = link
@@ -147,7 +157,7 @@ class ActingLoop:
         self.on_progress: Callable[[ActingStats], None] | None = None
         self._last_report = 0.0
         self._episode = first_episode
-        self._rng = np.random.default_rng(config.seed)
+        self._rng = np.random.default_rng(config.seed if episode_seed is None else episode_seed)
         env.action_space.seed(config.seed)
 
     def _select(self, observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -186,6 +196,8 @@ class ActingLoop:
                 self.operator.robot_refused(str(error))
                 continue
             self.operator.begin_episode()
+            if isinstance(self.policy, RemotePolicy):
+                self.policy.begin_episode()  # a hold keeps the gripper as the reset left it
             self.operator.poll()  # events that arrived during the reset are applied before the first step
             self.stats.episode, self.stats.episode_step, self.stats.episode_return = self._episode, 0, 0.0
             if self.video is not None:
@@ -229,6 +241,8 @@ class ActingLoop:
             if held is not None:  # the episode went on past it: no label can change it any more
                 self._ship(held)
             executed = np.asarray(info.get("executed_action", action), dtype=np.float32)
+            if isinstance(self.policy, RemotePolicy):
+                self.policy.note_executed(executed)  # the gripper command a hold keeps
             intervened = bool(info.get("intervened", 0.0))
             self.operator.receive(info.get("operator_events", ()))
             held = _HeldStep(length, observation, executed, float(reward), next_observation, bool(terminated),
@@ -304,9 +318,15 @@ class ActingLoop:
                 if len(successes) == episodes:
                     break
         rate = float(np.mean(successes)) if successes else 0.0
+        entry = {"env_steps": self.stats.env_steps, "success_rate": rate,
+                 "wall_s": round(time.monotonic() - self.stats.started_at, 1)}
         self.stats.eval_success_rate = rate
-        self.stats.eval_history.append({"env_steps": self.stats.env_steps, "success_rate": rate,
-                                        "wall_s": round(time.monotonic() - self.stats.started_at, 1)})
+        self.stats.eval_history.append(entry)
+        best = self.stats.best_eval
+        learned_here = hasattr(self.policy, "state_dict")  # not a remote policy served elsewhere
+        if learned_here and (best is None or rate >= best["success_rate"]):
+            self.stats.best_eval = {**entry, "episodes": len(successes), "policy_version": self.stats.policy_version}
+            self.stats.best_policy_weights = policy_state_to_bytes(self.policy)
         return rate
 
     def _wait_for_learner(self, on_progress: Callable[[ActingStats], None] | None) -> None:

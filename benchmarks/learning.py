@@ -43,6 +43,8 @@ from benchmarks.machine import machine_info, write_json  # noqa: E402
 from hardware_configs.schema import SessionConfig, load_config, save_config  # noqa: E402
 
 TARGET_SUCCESS = 0.9
+# Seeds the episode seeds of the final evaluations: not the config's seed, which the training run used.
+HELD_OUT_SEED = 7_919
 CURVE_COLOURS_BGR = {"demos": (40, 120, 220), "no_demos": (60, 160, 60)}
 
 
@@ -89,10 +91,18 @@ def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int
     train_s = steerl("train", "--config", str(config_file), "--steps", str(steps), "--run-dir", str(run_dir),
                      *demo_args, log_path=log_path)
     summary = json.loads((run_dir / "summary.json").read_text())
-    evaluation_json = work / f"{name}_eval.json"
-    steerl("eval", "--config", str(config_file), "--checkpoint", str(run_dir), "--episodes", str(eval_episodes),
-           "--json", str(evaluation_json), log_path=log_path)
-    final = json.loads(evaluation_json.read_text())
+
+    def evaluate(checkpoint: Path, label: str) -> dict[str, Any]:
+        """``eval_episodes`` episodes from seeds the training run never drew."""
+        path = work / f"{name}_{label}_eval.json"
+        steerl("eval", "--config", str(config_file), "--checkpoint", str(checkpoint), "--episodes",
+               str(eval_episodes), "--seed", str(HELD_OUT_SEED), "--json", str(path), log_path=log_path)
+        return json.loads(path.read_text())
+
+    final = evaluate(run_dir, "final")
+    best = None
+    if (run_dir / "best_policy").exists():
+        best = {**evaluate(run_dir / "best_policy", "best"), "selected_by": summary["best_eval"]}
     curve = summary["eval_history"]
     reached = next((point["env_steps"] for point in curve if point["success_rate"] >= TARGET_SUCCESS), None)
     return {
@@ -102,6 +112,7 @@ def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int
         "train_wall_s": round(train_s, 1),
         "curve": curve,
         "final_eval": final,
+        "best_policy_eval": best,
         "first_step_at_target": reached,
         "run_dir": str(run_dir),
     }
@@ -140,7 +151,10 @@ def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, pat
         for point in points[1:]:
             cv2.circle(image, point, 3, colour, -1, cv2.LINE_AA)
         final = result["final_eval"]["success_rate"]
-        label = (f"{name}: final {final:.0%} over {result['final_eval']['episodes']} episodes, "
+        best = result.get("best_policy_eval")
+        best_text = "" if best is None else (f", best-evaluated policy ({best['selected_by']['env_steps']:,} steps) "
+                                             f"{best['success_rate']:.0%}")
+        label = (f"{name}: final {final:.0%} over {result['final_eval']['episodes']} episodes{best_text}, "
                  f"{result['train_wall_s'] / 60:.0f} min")
         cv2.putText(image, label, (left, top + plot_h + 50 + 22 * index), font, 0.5, colour, 1, cv2.LINE_AA)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             config_file = save_config(with_own_ports(config), work / f"{name}.yaml")
             print(f"[{name}] training {config.name} for {steps} env steps ...", flush=True)
             result = run_variant(name, config_file, work, steps, plan[name], eval_episodes)
+            best = result["best_policy_eval"]
             print(f"[{name}] final success {result['final_eval']['success_rate']:.0%} over {eval_episodes} "
-                  f"episodes; {result['train_wall_s']:.0f} s; curve "
+                  f"episodes; best-evaluated policy "
+                  + ("-" if best is None else f"{best['success_rate']:.0%} (from {best['selected_by']['env_steps']} steps)")
+                  + f"; {result['train_wall_s']:.0f} s; curve "
                   + ", ".join(f"{p['env_steps']}:{p['success_rate']:.0%}" for p in result["curve"]), flush=True)
             return result
 
@@ -204,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         "demo_noise": args.demo_noise,
         "parallel": args.parallel,
         "variants": variants,
-        "targets": {f"demos_final_ge_{TARGET_SUCCESS:.0%}": bool(
-            "demos" in variants and variants["demos"]["final_eval"]["success_rate"] >= TARGET_SUCCESS)},
+        "targets": {
+            f"demos_final_ge_{TARGET_SUCCESS:.0%}": bool(
+                "demos" in variants and variants["demos"]["final_eval"]["success_rate"] >= TARGET_SUCCESS),
+            f"demos_best_policy_ge_{TARGET_SUCCESS:.0%}": bool(
+                "demos" in variants and variants["demos"]["best_policy_eval"] is not None
+                and variants["demos"]["best_policy_eval"]["success_rate"] >= TARGET_SUCCESS),
+        },
     }
     write_json(args.json, results)
     return 0

@@ -110,6 +110,9 @@ class TaskConfig:
     randomise_xy_m: float = 0.10
     reach_tolerance_m: float = 0.03
     lift_height_m: float = 0.06
+    # pick_cube's reach term: "distance" (3-D TCP-to-cube distance) or "aligned" (half of it
+    # replaced by the horizontal distance, so that lining up above the cube pays at any height).
+    reach_shaping: Literal["distance", "aligned"] = "distance"
 
     def validate(self) -> None:
         if self.max_episode_steps < 1:
@@ -485,6 +488,69 @@ class ServerConfig:
             raise ValueError("max_message_bytes must be at least 1024")
 
 
+def _check_endpoint(address: str) -> None:
+    if urlparse(address).scheme not in ("tcp", "ipc", "inproc"):
+        raise ValueError(f"address {address!r} must start with tcp://, ipc:// or inproc://")
+
+
+@dataclass(frozen=True)
+class PolicyServerConfig:
+    """The policy server (``steerl policy-server``, learner side): samples actions for actors whose
+    policy needs a GPU (learner/policy_server.py)."""
+
+    address: str = "tcp://127.0.0.1:5570"
+    max_message_bytes: int = 64 * 1024 * 1024
+    # After a request arrives, wait up to this long for requests of other actors, to sample them in
+    # one call (0: serve what has arrived). The wait ends early once every recently active client
+    # has a request pending, so a single actor never waits.
+    batch_wait_ms: float = 2.0
+    # The most observations in one sample call (and in one batched request).
+    max_batch_size: int = 64
+    # The largest number of samples K a request may ask for.
+    max_samples: int = 256
+    curve: Optional[CurveServerKeys] = None
+
+    def validate(self) -> None:
+        _check_endpoint(self.address)
+        if not _is_loopback(self.address) and self.curve is None:
+            raise ValueError(f"address {self.address!r} binds beyond loopback: set curve keys (steerl keys "
+                             "generate) so that only authorised actors reach the policy")
+        if self.max_message_bytes < 1024:
+            raise ValueError("max_message_bytes must be at least 1024")
+        if not 0.0 <= self.batch_wait_ms <= 1000.0:
+            raise ValueError(f"batch_wait_ms must lie in [0, 1000], got {self.batch_wait_ms}")
+        if self.max_batch_size < 1 or self.max_samples < 1:
+            raise ValueError("max_batch_size and max_samples must be at least 1")
+
+
+@dataclass(frozen=True)
+class PolicyClientConfig:
+    """How the actor reaches a policy server (``actor.policy_source: remote``)."""
+
+    address: str = "tcp://127.0.0.1:5570"
+    # Deadline of each action request. Without a reply by then the actor holds the arm for this
+    # step (actor/remote_policy.py) and asks again on the next one. Keep it below the control
+    # period to keep the loop's rate, and below robot.safety.watchdog_ms.
+    timeout_ms: int = 150
+    # At start-up, how long the actor waits for the server's handshake (loading a large policy takes
+    # a while); a server that does not answer by then stops the actor with an error.
+    connect_timeout_ms: int = 120_000
+    # The language instruction sent with every request (OpenVLA); "" for none.
+    instruction: str = ""
+    # The policy kind the actor expects ("openvla", "sac"...); "" accepts any. A server serving
+    # another kind is refused at the handshake.
+    policy_kind: str = ""
+    max_message_bytes: int = 64 * 1024 * 1024
+    curve: Optional[CurveClientKeys] = None
+
+    def validate(self) -> None:
+        _check_endpoint(self.address)
+        if self.timeout_ms <= 0 or self.connect_timeout_ms <= 0:
+            raise ValueError("timeout_ms and connect_timeout_ms must be positive")
+        if self.max_message_bytes < 1024:
+            raise ValueError("max_message_bytes must be at least 1024")
+
+
 @dataclass(frozen=True)
 class EnvConfig:
     """How the actor's gymnasium env reaches the robot."""
@@ -607,6 +673,8 @@ class LearnerConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CPU threads for the updates; 0: all cores but one (the actor and the simulator need one).
     num_threads: int = 0
+    # The policy server (steerl policy-server) for actors with actor.policy_source: remote.
+    policy_server: PolicyServerConfig = field(default_factory=PolicyServerConfig)
 
     def validate(self) -> None:
         if not 0.0 <= self.demo_ratio < 1.0:
@@ -643,6 +711,12 @@ class ActorConfig:
     reward_threshold: Optional[float] = None
     # Extra conditions on the observation for a success, e.g. ["gripper_width[0] < 0.06"].
     reward_proprio_checks: tuple[str, ...] = ()
+    # Where the actions come from: local, the policy the learner publishes, run in this process;
+    # remote, a policy server (policy_server below) for policies that need a GPU. On a timeout, an
+    # error or a server away, a remote policy holds the arm (zero motion), never repeats an action.
+    # random_steps applies to both (set it to 0 to let a remote policy act from the first step).
+    policy_source: Literal["local", "remote"] = "local"
+    policy_server: PolicyClientConfig = field(default_factory=PolicyClientConfig)
 
     def validate(self) -> None:
         if self.max_steps_per_update < 0:

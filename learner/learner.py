@@ -30,6 +30,9 @@ Run directory layout::
         online/                 the online replay buffer (learner/replay.py format)
         demos/                  the demo buffer, when there is one
         interventions/          operator-corrected transitions, when there are any
+      best_policy/              the policy of the best periodic evaluation (`steerl train` writes
+                                it at the end): policy.safetensors, and learner.json with the spaces
+                                and a "best_eval" entry; `steerl eval --checkpoint` loads it too
       tensorboard/              scalars for TensorBoard
 
 A checkpoint is written to ``ckpt-<n>.tmp`` and renamed into place, then ``latest`` is replaced
@@ -55,6 +58,7 @@ import torch
 
 from hardware_configs.loader import to_dict
 from hardware_configs.schema import SessionConfig
+from learner.durable import write_directory_atomically, write_durably
 from learner.replay import Batch, ReplayBuffer, ReplayFormatError, sample_mixed
 from learner.sac import SACAgent
 from learner.service import LearnerService
@@ -120,6 +124,22 @@ def load_policy_from_checkpoint(config: SessionConfig, path: str | Path):
         raise CheckpointError(f"{directory}: cannot load the policy: {error}") from None
     policy.eval()
     return policy, tuple(spaces.observation)
+
+
+def write_best_policy(run_dir: str | Path, weights: bytes, best_eval: dict) -> Path:
+    """Write ``RUN_DIR/best_policy`` (see the module docstring), taking the spaces from the run's
+    newest checkpoint; returns its path."""
+    source = latest_checkpoint(run_dir)
+    try:
+        spaces = json.loads((source / "learner.json").read_text())["spaces"]
+    except (OSError, KeyError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{source}: cannot read the spaces for the best policy: {error}") from None
+
+    def write(staging: Path) -> None:
+        write_durably(staging / "policy.safetensors", weights)
+        write_durably(staging / "learner.json", json.dumps({"spaces": spaces, "best_eval": best_eval}, indent=1).encode())
+
+    return write_directory_atomically(Path(run_dir) / "best_policy", write)
 
 
 class Learner:

@@ -19,7 +19,8 @@ def _steerl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, env={**os.environ, "COLUMNS": "120"})
 
 
-@pytest.mark.parametrize("command", [[], ["robot-server"], ["rollout"], ["keys"], ["keys", "generate"]])
+@pytest.mark.parametrize("command", [[], ["robot-server"], ["rollout"], ["keys"], ["keys", "generate"],
+                                     ["train-calql"], ["train-bc"], ["policy-server"]])
 def test_every_command_explains_itself(command) -> None:
     result = _steerl(*command, "--help")
     assert result.returncode == 0
@@ -78,3 +79,14 @@ def test_train_then_eval_on_a_third_party_gym_env(tmp_path: Path) -> None:
                          "--checkpoint", str(run_dir), "--episodes", "3")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert "over 3 episodes" in evaluation.stdout
+    # The policy of the best periodic evaluation (the latest among equals) is kept and loadable.
+    rates = [point["success_rate"] for point in summary["eval_history"]]
+    best = summary["best_eval"]
+    assert best["success_rate"] == max(rates)
+    assert best["env_steps"] == [p["env_steps"] for p in summary["eval_history"] if p["success_rate"] == max(rates)][-1]
+    stored = json.loads((run_dir / "best_policy" / "learner.json").read_text())
+    assert stored["best_eval"] == best and stored["spaces"]
+    held_out = _steerl("eval", "--config", str(config_file), "--env-id", "tests.point_env:PointReach-v0",
+                       "--checkpoint", str(run_dir / "best_policy"), "--episodes", "2", "--seed", "7919")
+    assert held_out.returncode == 0, held_out.stderr[-3000:]
+    assert "over 2 episodes" in held_out.stdout

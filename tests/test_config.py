@@ -38,6 +38,15 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("name: x\nserver:\n  address: tcp://0.0.0.0:5555\n", "binds beyond loopback: set server.curve keys"),
     ("name: x\nrobot:\n  safety:\n    workspace_low: [0.8, 0, 0]\n", "workspace_low[0]=0.8 must be below"),
     ("name: [unclosed\n", "invalid YAML"),
+    ("name: x\nactor:\n  policy_source: gpu\n", "actor.policy_source: expected one of 'local', 'remote'"),
+    ("name: x\nactor:\n  policy_server:\n    adress: tcp://10.0.0.2:5570\n", "actor.policy_server.adress: unknown field"),
+    ("name: x\nactor:\n  policy_server:\n    timeout_ms: 0\n",
+     "actor.policy_server: timeout_ms and connect_timeout_ms must be positive"),
+    ("name: x\nactor:\n  policy_server:\n    address: 10.0.0.2:5570\n",
+     "actor.policy_server: address '10.0.0.2:5570' must start with tcp://"),
+    ("name: x\nlearner:\n  policy_server:\n    address: tcp://0.0.0.0:5570\n",
+     "learner.policy_server: address 'tcp://0.0.0.0:5570' binds beyond loopback: set curve keys"),
+    ("name: x\nlearner:\n  policy_server:\n    batch_wait_ms: -1\n", "learner.policy_server: batch_wait_ms must lie in"),
 ])
 def test_bad_config_names_file_and_field(tmp_path: Path, text: str, expected: str) -> None:
     path = _write(tmp_path, text)

@@ -79,6 +79,26 @@ def test_spaces_round_trip_and_hash() -> None:
     np.testing.assert_array_equal(box.low, [-1, -2, -3])
 
 
+def test_spaces_differences_name_every_field_that_differs() -> None:
+    ours = RobotSpaces(observation={"a": FieldSpec("float32", (3,), (-1.0, -2.0, -3.0), 1.0),
+                                    "b": FieldSpec("uint8", (4, 4, 3), 0, 255),
+                                    "extra": FieldSpec("float32", (1,), 0.0, 1.0)},
+                       action=FieldSpec("float32", (4,), -1.0, 1.0))
+    theirs = RobotSpaces(observation={"a": FieldSpec("float32", (3,), (-1.0, -3.0, -2.0), 1.0),
+                                      "b": FieldSpec("uint8", (8, 8, 3), 0, 255),
+                                      "c": FieldSpec("int64", (), 0, 9)},
+                         action=FieldSpec("float32", (5,), -1.0, 1.0))
+    assert ours.differences(ours) == []
+    assert ours.differences(theirs, "client", "server") == [
+        "observation field 'a': element-wise bounds differ (both float32(3,) in [-3..-1, 1])",
+        "observation field 'b': client uint8(4, 4, 3) in [0, 255], server uint8(8, 8, 3) in [0, 255]",
+        "observation field 'c': missing on client (server has int64() in [0, 9])",
+        "observation field 'extra': only client has it",
+        "action: client float32(4,) in [-1, 1], server float32(5,) in [-1, 1]",
+    ]
+    assert not any("extra" in line for line in ours.differences(theirs, extra_fields_differ=False))
+
+
 def test_parse_envelope_refuses_garbage_oversize_and_empty() -> None:
     with pytest.raises(ProtocolError) as error:
         parse_envelope(b"\xff\xff\xff\xff\xff", max_bytes=1024)

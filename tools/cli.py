@@ -4,10 +4,13 @@
     steerl robot-server --config FILE      run the process that owns the robot
     steerl learner --config FILE           run the learner (replay, SAC/RLPD, checkpoints)
     steerl actor --config FILE             run the actor (robot PC) against a running learner
+    steerl policy-server --policy DIR      serve a policy's actions to actors over ZeroMQ (GPU box)
     steerl eval --checkpoint DIR           success rate of a trained policy
     steerl record-demos --config FILE -n N record scripted-expert demonstrations
     steerl record-success-fail --config FILE --episodes N --out DIR   labelled frames for a reward classifier
     steerl train-reward-classifier --data DIR --out FILE           train the reward classifier
+    steerl train-bc --demos DIR --out DIR [--config FILE]         behaviour cloning: a diffusion policy
+    steerl train-calql --data DIR --out DIR [--session CONFIG]    offline Cal-QL critic and actor
     steerl rollout --config FILE           drive the robot with a scripted or random policy
     steerl keys generate --dir DIR --name NAME   make a CURVE key pair
     steerl check --config FILE             pre-flight: reach and measure every device, no motion
@@ -136,11 +139,39 @@ def cmd_actor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_server(args: argparse.Namespace) -> int:
+    from hardware_configs.schema import PolicyServerConfig
+    from learner.policy_server import PolicyServer
+
+    server_config = load_config(args.config).learner.policy_server if args.config else PolicyServerConfig()
+    overrides = {"address": args.address, "batch_wait_ms": args.batch_wait_ms, "max_batch_size": args.max_batch_size}
+    server_config = dataclasses.replace(server_config, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        server_config.validate()
+    except ValueError as error:
+        print(f"steerl policy-server: learner.policy_server: {error}", file=sys.stderr)
+        return 2
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        server = PolicyServer.from_directory(args.policy, server_config, device=device, name=args.name or "",
+                                             instruction_key=args.instruction_key)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"steerl policy-server: {error}", file=sys.stderr)
+        return 2
+    server.install_signal_handlers()
+    server.serve_forever()
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tools.session import run_evaluation
 
     config = _training_config(args)
-    result = run_evaluation(config, args.checkpoint, args.episodes, env_id=args.env_id)
+    result = run_evaluation(config, args.checkpoint, args.episodes, env_id=args.env_id, seed=args.seed)
     print(f"success rate {result['success_rate']:.0%} over {result['episodes']} episodes "
           f"(mean return {result['mean_return']:.2f})")
     if args.json:
@@ -210,6 +241,43 @@ def cmd_train_reward_classifier(args: argparse.Namespace) -> int:
         print(f"held-out {describe_metrics(result.heldout)}")
     print(f"saved the reward classifier to {path} ({result.seconds:.1f} s of training)")
     return 0
+
+
+def cmd_train_bc(args: argparse.Namespace) -> int:
+    import torch
+
+    from learner.replay import ReplayFormatError
+    from policies.diffusion import DiffusionPolicyConfig, load_diffusion_config, train_diffusion_policy
+
+    if args.steps < 1:
+        print(f"steerl train-bc: --steps must be at least 1, got {args.steps}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_diffusion_config(args.config) if args.config else DiffusionPolicyConfig()
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def progress(step: int, loss: float) -> None:
+        print(f"step {step}/{args.steps}  loss {loss:.4f}", flush=True)
+
+    try:
+        policy = train_diffusion_policy(config, args.demos, args.steps, seed=args.seed, device=device,
+                                        log_every=args.log_every, progress=progress)
+    except (ReplayFormatError, FileNotFoundError, KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # no repr quotes
+        print(f"steerl train-bc: {message}", file=sys.stderr)
+        return 2
+    policy.info["demos"] = str(args.demos)
+    policy.save(args.out)
+    print(f"saved the diffusion policy to {args.out} ({policy.info['demo_episodes']} episodes, "
+          f"{policy.info['demo_steps']} steps of demonstrations)")
+    return 0
+
+
+def cmd_train_calql(args: argparse.Namespace) -> int:
+    from learner.calql import main as calql_main
+
+    return calql_main(args.arguments)
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -321,13 +389,36 @@ def build_parser() -> argparse.ArgumentParser:
                             "spacemouse, simulated_operator or a YAML path (overrides actor.teleop)")
     actor.set_defaults(handler=cmd_actor)
 
+    policy_server = commands.add_parser(
+        "policy-server", help="serve a policy's actions to actors over ZeroMQ (for policies that need a GPU)",
+        description="Load a policy directory (policy.json + weights, any registered kind: sac, diffusion, openvla...) "
+                    "and answer actors' action requests on learner.policy_server.address, batching requests that "
+                    "arrive together into one sample call, until SIGINT/SIGTERM. Actors use it with "
+                    "actor.policy_source: remote. Binding beyond loopback needs CURVE keys "
+                    "(learner.policy_server.curve in --config).")
+    policy_server.add_argument("--policy", required=True, help="policy directory (written by Policy.save)")
+    policy_server.add_argument("--config", help="YAML file or bundled config name whose learner.policy_server "
+                                                "section to use (default: that section's defaults)")
+    policy_server.add_argument("--address", help="override learner.policy_server.address")
+    policy_server.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                               help="where the policy runs (default: cuda when available)")
+    policy_server.add_argument("--batch-wait-ms", type=float, help="override learner.policy_server.batch_wait_ms")
+    policy_server.add_argument("--max-batch-size", type=int, help="override learner.policy_server.max_batch_size")
+    policy_server.add_argument("--name", help="the policy's name in replies and logs (default: the directory name)")
+    policy_server.add_argument("--instruction-key", default="instruction",
+                               help="observation key of the instruction the policy reads (default: instruction)")
+    policy_server.set_defaults(handler=cmd_policy_server)
+
     evaluate = commands.add_parser(
         "eval", help="success rate of a checkpoint's deterministic policy",
         description="Load the policy of a checkpoint (or a run directory's latest) and report its success "
                     "rate over N episodes, starting a robot server for the config unless --env-id is given.")
     training_options(evaluate)
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="checkpoint directory, run directory (its newest checkpoint) or RUN_DIR/best_policy")
     evaluate.add_argument("--episodes", type=int, default=50)
+    evaluate.add_argument("--seed", type=int, help="seed of the episode seeds (default: the config's seed); "
+                                                   "use one the training run did not use for held-out episodes")
     evaluate.add_argument("--json", help="also write the result to this JSON file")
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -404,6 +495,27 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
     classifier.set_defaults(handler=cmd_train_reward_classifier)
 
+    bc = commands.add_parser(
+        "train-bc", help="behaviour cloning: train a diffusion policy on recorded demonstrations",
+        description="Train a diffusion policy (action chunks conditioned on an observation history, DDIM/DDPM "
+                    "sampling, EMA weights; policies/diffusion.py) on a demo buffer from 'steerl record-demos' and "
+                    "save it as a policy directory (policy.json + model.safetensors) that load_policy reads.")
+    bc.add_argument("--config", help="YAML file of DiffusionPolicyConfig fields (default: the defaults)")
+    bc.add_argument("--demos", required=True, help="a demo buffer directory made by 'steerl record-demos'")
+    bc.add_argument("--out", required=True, help="output policy directory")
+    bc.add_argument("--steps", type=int, default=20_000, help="gradient steps (default 20000)")
+    bc.add_argument("--seed", type=int, default=0)
+    bc.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    bc.add_argument("--log-every", type=int, default=500, help="print the mean loss every N steps (default 500)")
+    bc.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    bc.set_defaults(handler=cmd_train_bc)
+
+    # Cal-QL owns its options (learner/calql.py builds the parser); everything after the command goes there.
+    calql = commands.add_parser("train-calql", add_help=False,
+                                help="offline Cal-QL: a conservative, calibrated critic and actor from saved buffers")
+    calql.add_argument("arguments", nargs=argparse.REMAINDER)
+    calql.set_defaults(handler=cmd_train_calql)
+
     keys = commands.add_parser("keys", help="manage CURVE keys",
                                description="Manage the CURVE keys that authenticate robot links.")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -418,7 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "handler", None) is cmd_train_calql:
+        args.arguments = unknown + args.arguments  # options the Cal-QL parser owns
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging(args.log_level)
     try:
         return args.handler(args)

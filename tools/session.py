@@ -11,6 +11,11 @@ learner can be checked on environments we did not write.
 device's bindings; ``--save-videos N`` saves every N-th episode's camera images under
 ``RUN_DIR/videos/``. The progress line shows the episode and its step, the mean return, success and
 intervention rates, learner updates/s, the learner link's round trip and the operator state.
+
+With ``actor.policy_source: remote`` the actor takes its actions from a policy server
+(``steerl policy-server``, started separately, typically on the GPU box) through a
+:class:`~actor.remote_policy.RemotePolicy` and ignores the weights the learner publishes (it still
+ships every transition to it); the progress line then shows the server's round trip and holds.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from actor.acting import ActingLoop, ActingStats
 from actor.env import RobotEnv, make_gym_env
 from actor.learner_link import LearnerLink
+from actor.remote_policy import RemotePolicy, connect_remote_policy
 from actor.video import EpisodeVideoRecorder
 from actor.rollout import connect_env, record_episodes, robot_server_process, steerl_child
 from hardware_configs.schema import SessionConfig
@@ -106,33 +112,66 @@ def attach_teleop(config: SessionConfig, env: gym.Env, console: Console) -> gym.
     return wrapped
 
 
-def progress_line(stats: ActingStats, link: LearnerLink, updates_per_s: float) -> str:
+def progress_line(stats: ActingStats, link: LearnerLink, updates_per_s: float,
+                  remote: RemotePolicy | None = None) -> str:
     """The operator's live view: episode and step, return, success and intervention rates, the
-    learner's updates/s and the link's round trip, and a pause or emergency stop in capitals."""
+    learner's updates/s and the link's round trip, and a pause or emergency stop in capitals; with a
+    remote policy, the policy server's round trip and held steps, and ``[HOLDING: reason]``."""
     evaluation = "-" if stats.eval_success_rate is None else f"{stats.eval_success_rate:.0%}"
     latency = link.latency_ms
+    if remote is None:
+        policy = f"policy v{stats.policy_version}"
+    else:
+        round_trip = remote.stats.round_trip_ms
+        held = sum(remote.stats.holds.values())
+        policy = (f"policy {remote.stats.policy_name or '-'} v{remote.stats.policy_version} "
+                  f"{'-' if round_trip is None else f'{round_trip:.0f} ms'}" + (f" held {held}" if held else ""))
     line = (f"ep {stats.episode} step {stats.episode_step:>3}  return {stats.mean_return:6.2f}  "
             f"success {stats.success_rate:4.0%}  interv {stats.intervention_rate:4.0%}  eval {evaluation}  "
             f"updates {link.learner_updates} ({updates_per_s:.0f}/s)  "
             f"link {'-' if latency is None else f'{latency:.0f} ms'}  "
-            f"{stats.steps_per_s:.0f} steps/s  policy v{stats.policy_version}")
+            f"{stats.steps_per_s:.0f} steps/s  {policy}")
     if stats.discarded_episodes:
         line += f"  discarded {stats.discarded_episodes}"
     if stats.operator_state != "running":
         line += f"  [{stats.operator_state.upper()}]"
     if not link.connected:
         line += "  [learner away]"
+    if remote is not None and remote.stats.holding:
+        line += f"  [HOLDING: policy server {remote.stats.last_reason}]"
     return line
 
 
 def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, console: Console,
               learner: subprocess.Popen | None = None, video: EpisodeVideoRecorder | None = None) -> ActingStats:
-    """Connect to the learner and act for ``total_steps`` env steps with a live progress line."""
+    """Connect to the learner (and, with ``actor.policy_source: remote``, to the policy server) and
+    act for ``total_steps`` env steps with a live progress line."""
     import torch
 
     torch.set_num_threads(1)  # one small policy per step: leave the cores to the sim and the learner
     spaces = RobotSpaces.from_gym(env.observation_space, env.action_space).select(config.learner.observation_keys)
-    link = LearnerLink(config.learner.address, actor_id, spaces, load_policy=actor_policy_loader(config, spaces),
+    remote = None
+    if config.actor.policy_source == "remote":
+        server = config.actor.policy_server
+        console.print(f"policy: remote, waiting for the policy server at {server.address} "
+                      f"(up to {server.connect_timeout_ms / 1000:g} s)")
+        remote = connect_remote_policy(server, spaces, client_name=actor_id)
+        console.print(f"policy: {remote.server.policy_name} ({remote.server.policy_kind}) served at {server.address}, "
+                      f"deadline {server.timeout_ms} ms per action")
+    try:
+        return _act_with_progress(config, env, total_steps, actor_id, console, spaces, remote, learner, video)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def _act_with_progress(config: SessionConfig, env, total_steps: int, actor_id: str, console: Console,
+                       spaces: RobotSpaces, remote: RemotePolicy | None, learner: subprocess.Popen | None,
+                       video: EpisodeVideoRecorder | None) -> ActingStats:
+    """:func:`run_actor` once the policy is settled: the learner link, the loop, the progress line."""
+    # A remote policy replaces the learner's published weights: the link then only ships transitions.
+    loader = None if remote is not None else actor_policy_loader(config, spaces)
+    link = LearnerLink(config.learner.address, actor_id, spaces, load_policy=loader,
                        timeout_ms=config.actor.timeout_ms, max_queue_mb=config.actor.send_queue_mb)
     deadline = time.monotonic() + LEARNER_START_TIMEOUT_S
     hello = None
@@ -144,6 +183,7 @@ def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, conso
             raise RuntimeError(f"no learner answered at {config.learner.address}")
     first_episode = hello.acked_episode + 1 if hello.has_acked else 0
     loop = ActingLoop(config, env, link, tuple(spaces.observation), first_episode=first_episode, video=video)
+    loop.policy = remote
     columns = [TextColumn("[bold blue]env steps"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[line]}"), TimeElapsedColumn()]
     rate = {"updates": 0, "time": time.monotonic(), "per_s": 0.0}
@@ -159,7 +199,7 @@ def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, conso
                 if now - rate["time"] > 2.0:
                     rate["per_s"] = (link.learner_updates - rate["updates"]) / (now - rate["time"])
                     rate["updates"], rate["time"] = link.learner_updates, now
-                line = progress_line(stats, link, rate["per_s"])
+                line = progress_line(stats, link, rate["per_s"], remote)
                 progress.update(task, completed=min(stats.env_steps, total_steps), line=line)
 
             loop.run(total_steps, on_progress=show)
@@ -195,12 +235,19 @@ def run_training(config: SessionConfig, run_dir: str | Path, total_steps: int, d
         started = time.monotonic()
         stats = run_actor(config, env, total_steps, actor_id=f"actor-{config.name}", console=console, learner=learner,
                           video=video)
+    if stats.best_policy_weights is not None and stats.best_eval is not None:
+        from learner.learner import write_best_policy
+
+        best_dir = write_best_policy(run_dir, stats.best_policy_weights, stats.best_eval)
+        console.print(f"best periodic evaluation: {stats.best_eval['success_rate']:.0%} at "
+                      f"{stats.best_eval['env_steps']} env steps; its policy is in {best_dir}")
     summary = {
         "config": config.name,
         "env_steps": stats.env_steps,
         "episodes": stats.episodes,
         "final_eval_success_rate": stats.eval_success_rate,
         "eval_history": stats.eval_history,
+        "best_eval": stats.best_eval,
         "wall_time_s": time.monotonic() - started,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -210,15 +257,17 @@ def run_training(config: SessionConfig, run_dir: str | Path, total_steps: int, d
     return 0
 
 
-def run_evaluation(config: SessionConfig, checkpoint: str | Path, episodes: int, env_id: str | None = None) -> dict:
-    """``steerl eval``: success rate of a checkpoint's deterministic policy over ``episodes``."""
+def run_evaluation(config: SessionConfig, checkpoint: str | Path, episodes: int, env_id: str | None = None,
+                   seed: int | None = None) -> dict:
+    """``steerl eval``: success rate of a checkpoint's deterministic policy over ``episodes``
+    (episode seeds drawn from ``seed``, default ``config.seed``)."""
     from learner.learner import load_policy_from_checkpoint
 
     with ExitStack() as stack:
         env = open_env(config, env_id, stack)
         stack.callback(env.close)
         policy, keys = load_policy_from_checkpoint(config, checkpoint)
-        loop = ActingLoop(config, env, None, keys)
+        loop = ActingLoop(config, env, None, keys, episode_seed=seed)
         loop.policy = policy
         returns, successes = [], []
         for _ in range(episodes):

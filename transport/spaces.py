@@ -36,6 +36,15 @@ class FieldSpec:
         high = np.broadcast_to(np.asarray(self.high, dtype=self.dtype), shape).copy()
         return spaces.Box(low=low, high=high, shape=shape, dtype=np.dtype(self.dtype))
 
+    def describe(self) -> str:
+        """``float32(7,) in [-1, 1]``: dtype, shape and the bounds (the range of them when they vary)."""
+        def span(bound: float | tuple[float, ...]) -> str:
+            values = np.atleast_1d(bound).astype(np.float64)
+            low, high = float(values.min()), float(values.max())
+            return f"{low:g}" if low == high else f"{low:g}..{high:g}"
+
+        return f"{self.dtype}{tuple(self.shape)} in [{span(self.low)}, {span(self.high)}]"
+
     def canonical(self) -> dict:
         return {
             "dtype": self.dtype,
@@ -43,6 +52,12 @@ class FieldSpec:
             "low": [float(v) for v in np.atleast_1d(self.low)],
             "high": [float(v) for v in np.atleast_1d(self.high)],
         }
+
+
+def _contrast(ours: FieldSpec, theirs: FieldSpec, mine: str, their_name: str) -> str:
+    """How two unequal specs differ, in words."""
+    a, b = ours.describe(), theirs.describe()
+    return f"{mine} {a}, {their_name} {b}" if a != b else f"element-wise bounds differ (both {a})"
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,27 @@ class RobotSpaces:
 
     def action_space(self) -> spaces.Box:
         return self.action.to_box()
+
+    def differences(self, other: "RobotSpaces", mine: str = "this side", theirs: str = "the other side",
+                    extra_fields_differ: bool = True) -> list[str]:
+        """What differs between these spaces and ``other``, one readable line per field, e.g.
+        ``"observation field 'tcp_pose': this side float32(7,), the other side float32(8,)"``;
+        empty when they are equal. With ``extra_fields_differ=False``, fields that only ``self`` has
+        are not differences (a client may offer more fields than a server needs)."""
+        lines = []
+        names = sorted(set(self.observation) | set(other.observation))
+        for name in names:
+            ours, their = self.observation.get(name), other.observation.get(name)
+            if their is None:
+                if extra_fields_differ:
+                    lines.append(f"observation field {name!r}: only {mine} has it")
+            elif ours is None:
+                lines.append(f"observation field {name!r}: missing on {mine} ({theirs} has {their.describe()})")
+            elif ours.canonical() != their.canonical():
+                lines.append(f"observation field {name!r}: {_contrast(ours, their, mine, theirs)}")
+        if self.action.canonical() != other.action.canonical():
+            lines.append(f"action: {_contrast(self.action, other.action, mine, theirs)}")
+        return lines
 
     def digest(self) -> str:
         """A stable hash of the spaces; equal on both ends of a compatible link."""

@@ -3,7 +3,10 @@
 Servers bind a ROUTER socket and answer each request on the identity it came from, so that a
 client that vanishes mid-request costs nothing but a dropped reply. Clients use a DEALER socket
 (:class:`RpcClient`) that matches replies to requests by ``request_id`` and discards stale ones,
-so a timed-out request never gets confused with the next one.
+so a timed-out request never gets confused with the next one (``stale_replies`` counts those
+dropped). A client made with ``immediate=True`` queues requests only on a live connection: with the
+server away, :meth:`RpcClient.call` raises :class:`PeerUnavailable` at its deadline instead of
+queueing a request that a restarted server would answer long after it mattered.
 
 CURVE: ``generate_keypair`` writes ZeroMQ certificate files (``NAME.key`` public,
 ``NAME.key_secret`` secret). A server given ``CurveServerKeys`` accepts only clients whose public
@@ -35,10 +38,19 @@ log = logging.getLogger(__name__)
 # error reply from the application instead.
 HARD_LIMIT_FACTOR = 4
 BIND_RETRY_S = 3.0
+# ``immediate`` clients: ZeroMQ heartbeats detect a peer that vanished without closing its
+# connection (power loss, cable), so that the client stops sending into a dead connection.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+IMMEDIATE_SEND_HWM = 16
 
 
 class LinkTimeout(TimeoutError):
     """No reply arrived within the timeout."""
+
+
+class PeerUnavailable(LinkTimeout):
+    """No connection to the peer within the timeout (``immediate`` clients): nothing was sent."""
 
 
 class RemoteError(RuntimeError):
@@ -106,11 +118,14 @@ class RpcClient:
 
     def __init__(self, address: str, max_message_bytes: int = 64 * 1024 * 1024,
                  curve: CurveClientKeys | None = None, context: zmq.Context | None = None,
-                 identity: bytes | None = None) -> None:
+                 identity: bytes | None = None, immediate: bool = False) -> None:
         self.address = address
         # A stable identity lets the server recognise this client across reconnects.
         self.identity = identity or os.urandom(8)
         self.max_message_bytes = max_message_bytes
+        self.immediate = immediate
+        # Replies dropped because they answered an earlier request (they arrived after its timeout).
+        self.stale_replies = 0
         self._curve = curve
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
@@ -122,6 +137,11 @@ class RpcClient:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         socket.setsockopt(zmq.IDENTITY, self.identity)
+        if self.immediate:
+            socket.setsockopt(zmq.IMMEDIATE, 1)
+            socket.setsockopt(zmq.SNDHWM, IMMEDIATE_SEND_HWM)
+            socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         if self._curve is not None:
             public, secret = _load_secret(self._curve.secret_key_file)
             server_public, _ = zmq.auth.load_certificate(self._curve.server_public_key_file)
@@ -138,13 +158,23 @@ class RpcClient:
         self._connect()
 
     def call(self, envelope: pb.Envelope, timeout_ms: int) -> pb.Envelope:
-        """Send ``envelope`` and wait for its reply; raise RemoteError for an Error reply."""
+        """Send ``envelope`` and wait for its reply; raise RemoteError for an Error reply,
+        LinkTimeout when none arrives in time (PeerUnavailable: ``immediate`` and not connected)."""
         assert self._socket is not None, "client is closed"
         request_id = next(self._ids)
         envelope.protocol_version = envelope.protocol_version or PROTOCOL_VERSION
         envelope.request_id = request_id
-        self._socket.send(envelope.SerializeToString(), copy=False)
         deadline = time.monotonic() + timeout_ms / 1000.0
+        if self.immediate:
+            # With ZMQ_IMMEDIATE the socket is writable only while a connection is up.
+            if not self._socket.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLOUT):
+                raise PeerUnavailable(f"not connected to {self.address} within {timeout_ms} ms")
+            try:
+                self._socket.send(envelope.SerializeToString(), flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                raise PeerUnavailable(f"cannot send to {self.address}: the connection went away") from None
+        else:
+            self._socket.send(envelope.SerializeToString(), copy=False)
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
@@ -156,6 +186,7 @@ class RpcClient:
                 log.warning("dropping reply from %s: %s", self.address, error)
                 continue
             if reply.request_id != request_id:
+                self.stale_replies += 1
                 log.debug("dropping stale reply %d (waiting for %d)", reply.request_id, request_id)
                 continue
             if reply.WhichOneof("body") == "error":

@@ -29,6 +29,8 @@ Tasks (``config.task.name``) and rewards
                    the table and its centre within 3 cm of the TCP (held between the fingers).
                    Shaping: ``-(0.5 * tanh(d / 0.1) + 0.5 * (1 - min(lift / lift_height_m, 1)))``
                    with d the TCP-to-cube distance and lift the height of the cube's bottom.
+                   With ``task.reach_shaping: aligned`` the reach term is
+                   ``0.5 * tanh(d / 0.1) + 0.5 * tanh(d_xy / 0.03)`` (d_xy: horizontal distance).
 
     The distance term saturates beyond about 20 cm and is steepest close to the target, where the
     last centimetres of alignment decide a grasp (a linear term gives those almost no signal).
@@ -102,6 +104,7 @@ CUBE_MASS_KG = 0.05
 CUBE_FRICTION = 1.0
 CUBE_HELD_RADIUS_M = 0.03
 SHAPING_DISTANCE_M = 0.1
+ALIGNMENT_DISTANCE_M = 0.03
 
 POSITION_BOUND = 2.0
 
@@ -326,7 +329,11 @@ class _PickCubeTask:
         lifted = lift > self._task.lift_height_m
         success = lifted and distance <= CUBE_HELD_RADIUS_M
         lift_fraction = min(lift / self._task.lift_height_m, 1.0)
-        shaping = -(0.5 * math.tanh(distance / SHAPING_DISTANCE_M) + 0.5 * (1.0 - lift_fraction))
+        reach = math.tanh(distance / SHAPING_DISTANCE_M)
+        if self._task.reach_shaping == "aligned":
+            horizontal = float(np.linalg.norm(tcp_xyz[:2] - cube_xyz[:2]))
+            reach = 0.5 * reach + 0.5 * math.tanh(horizontal / ALIGNMENT_DISTANCE_M)
+        shaping = -(0.5 * reach + 0.5 * (1.0 - lift_fraction))
         return success, shaping
 
     def observation_specs(self) -> dict[str, FieldSpec]:

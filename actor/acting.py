@@ -81,6 +81,9 @@ class ActingStats:
     # The evaluation with the highest success rate so far (the latest among equals): its
     # eval_history entry plus the policy version, and the weights it evaluated (safetensors bytes).
     best_eval: dict[str, float] | None = None
+    # One entry per finished training episode (not evaluation, not re-recorded):
+    # {"env_steps", "success", "intervention_rate"}.
+    episode_history: list[dict[str, float]] = field(default_factory=list)
     best_policy_weights: bytes | None = None
 
     @property
@@ -361,6 +364,8 @@ class ActingLoop:
                 self.stats.recent_successes.append(success)
                 if outcome is not None:
                     self.stats.recent_intervention_rates.append(outcome.intervention_rate)
+                    self.stats.episode_history.append({"env_steps": self.stats.env_steps, "success": float(success),
+                                                       "intervention_rate": round(outcome.intervention_rate, 4)})
             self.stats.steps_per_s = (self.stats.env_steps - start_steps) / (time.perf_counter() - start)
             if every and self.stats.episodes % every == 0 and self.policy is not None:
                 self.evaluate(self.config.actor.eval_episodes)

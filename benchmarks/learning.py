@@ -1,5 +1,5 @@
 """Learning benchmark: a seeded `steerl train` session, its evaluation curve, and a final
-50-episode evaluation — with and without scripted demos.
+50-episode evaluation — with and without scripted demos, and with a (simulated) operator intervening.
 
 For each variant it runs exactly what an operator runs (separate robot-server, learner and actor
 processes over loopback ZeroMQ)::
@@ -45,7 +45,8 @@ from hardware_configs.schema import SessionConfig, load_config, save_config  # n
 TARGET_SUCCESS = 0.9
 # Seeds the episode seeds of the final evaluations: not the config's seed, which the training run used.
 HELD_OUT_SEED = 7_919
-CURVE_COLOURS_BGR = {"demos": (40, 120, 220), "no_demos": (60, 160, 60)}
+CURVE_COLOURS_BGR = {"demos": (40, 120, 220), "no_demos": (60, 160, 60), "operator": (160, 60, 160)}
+INTERVENTION_BIN_STEPS = 2_500
 
 
 def steerl(*arguments: str, log_path: Path) -> float:
@@ -104,6 +105,7 @@ def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int
     if (run_dir / "best_policy").exists():
         best = {**evaluate(run_dir / "best_policy", "best"), "selected_by": summary["best_eval"]}
     curve = summary["eval_history"]
+    episodes = summary.get("episode_history", [])
     reached = next((point["env_steps"] for point in curve if point["success_rate"] >= TARGET_SUCCESS), None)
     return {
         "demos": demos,
@@ -114,8 +116,21 @@ def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int
         "final_eval": final,
         "best_policy_eval": best,
         "first_step_at_target": reached,
+        "training_episodes": binned_episode_rates(episodes, INTERVENTION_BIN_STEPS),
         "run_dir": str(run_dir),
     }
+
+
+def binned_episode_rates(episodes: list[dict[str, float]], bin_steps: int) -> list[dict[str, float]]:
+    """Training episodes grouped by the env step at which they ended, ``bin_steps`` per group: the
+    mean training success and operator intervention rate of each group."""
+    bins: dict[int, list[dict[str, float]]] = {}
+    for episode in episodes:
+        bins.setdefault(int(episode["env_steps"] // bin_steps), []).append(episode)
+    return [{"env_steps_until": (index + 1) * bin_steps, "episodes": len(group),
+             "success_rate": round(float(np.mean([e["success"] for e in group])), 3),
+             "intervention_rate": round(float(np.mean([e["intervention_rate"] for e in group])), 3)}
+            for index, group in sorted(bins.items())]
 
 
 def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, path: Path) -> None:
@@ -170,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-noise", type=float, default=0.0,
                         help="Gaussian noise on the expert's motion while recording (it corrects itself)")
     parser.add_argument("--compare-without-demos", action="store_true", help="also run without demos")
+    parser.add_argument("--compare-with-operator", nargs="?", const="simulated_operator", metavar="TELEOP",
+                        help="also run with the demos and a teleop device intervening (default: the simulated "
+                             "operator, hardware_configs/teleop/simulated_operator.yaml): the human-in-the-loop "
+                             "benchmark")
+    parser.add_argument("--skip-demos-variant", action="store_true",
+                        help="do not train the plain demos variant (e.g. to run the operator variant alone)")
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--parallel", action="store_true",
                         help="train the variants side by side (wall times then include the contention)")
@@ -187,16 +208,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="steerl-learning-") as scratch:
         work = args.work_dir or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        plan = {"demos": args.demos} if args.demos else {"no_demos": 0}
+        plan: dict[str, int] = {}
+        if not args.skip_demos_variant:
+            plan["demos" if args.demos else "no_demos"] = args.demos
         if args.compare_without_demos and args.demos:
             plan["no_demos"] = 0
+        if args.compare_with_operator:
+            plan["operator"] = args.demos
+        if not plan:
+            parser.error("nothing to run: --skip-demos-variant needs --compare-without-demos or --compare-with-operator")
         if args.demos:
             # Recorded once, before the variants start, so that a parallel run cannot race on it.
             steerl("record-demos", "--config", str(save_config(config, work / "record.yaml")), "-n", str(args.demos),
                    "--out", str(work / "demos"), "--noise", str(args.demo_noise), log_path=work / "demos.log")
 
         def train(name: str) -> dict[str, Any]:
-            config_file = save_config(with_own_ports(config), work / f"{name}.yaml")
+            variant = config
+            if name == "operator":
+                actor = dataclasses.replace(config.actor, teleop=args.compare_with_operator)
+                variant = dataclasses.replace(config, actor=actor)
+            config_file = save_config(with_own_ports(variant), work / f"{name}.yaml")
             print(f"[{name}] training {config.name} for {steps} env steps ...", flush=True)
             result = run_variant(name, config_file, work, steps, plan[name], eval_episodes)
             best = result["best_policy_eval"]

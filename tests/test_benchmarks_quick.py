@@ -61,18 +61,25 @@ def test_robot_link_quick(tmp_path: Path) -> None:
 def test_learning_benchmark_quick(tmp_path: Path) -> None:
     out, png = tmp_path / "learning.json", tmp_path / "curve.png"
     completed = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--quick", "--demos", "2", "--compare-without-demos", "--parallel",
-         "--json", str(out), "--png", str(png)], cwd=REPO, capture_output=True, text=True, timeout=300)
+        [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--quick", "--demos", "2", "--compare-without-demos",
+         "--compare-with-operator", "--skip-demos-variant", "--parallel", "--json", str(out), "--png", str(png)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
     results = json.loads(out.read_text())
-    assert results["quick"] is True and set(results["variants"]) == {"demos", "no_demos"}
+    assert results["quick"] is True and set(results["variants"]) == {"operator", "no_demos"}
     for name, variant in results["variants"].items():
         assert variant["env_steps"] >= results["steps"], name
         assert variant["curve"] and all(0.0 <= p["success_rate"] <= 1.0 for p in variant["curve"]), name
         assert [p["env_steps"] for p in variant["curve"]] == sorted(p["env_steps"] for p in variant["curve"])
         assert variant["final_eval"]["episodes"] == 3 and 0.0 <= variant["final_eval"]["success_rate"] <= 1.0
+        assert variant["best_policy_eval"]["episodes"] == 3
+        assert variant["best_policy_eval"]["selected_by"]["success_rate"] == max(p["success_rate"] for p in variant["curve"])
+        assert sum(b["episodes"] for b in variant["training_episodes"]) >= 1
         _positive_finite(variant["train_wall_s"], f"{name}.train_wall_s")
-    assert results["variants"]["demos"]["demos"] == 2 and results["variants"]["no_demos"]["demos"] == 0
+    assert results["variants"]["operator"]["demos"] == 2 and results["variants"]["no_demos"]["demos"] == 0
+    # Only the operator variant has someone intervening.
+    assert max(b["intervention_rate"] for b in results["variants"]["operator"]["training_episodes"]) > 0.0
+    assert all(b["intervention_rate"] == 0.0 for b in results["variants"]["no_demos"]["training_episodes"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

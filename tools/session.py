@@ -248,6 +248,7 @@ def run_training(config: SessionConfig, run_dir: str | Path, total_steps: int, d
         "final_eval_success_rate": stats.eval_success_rate,
         "eval_history": stats.eval_history,
         "best_eval": stats.best_eval,
+        "episode_history": stats.episode_history,
         "wall_time_s": time.monotonic() - started,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

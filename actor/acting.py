@@ -9,6 +9,11 @@ network work. New weights are swapped in between steps. Every ``actor.eval_every
 episodes it runs ``actor.eval_episodes`` deterministic evaluation episodes (also shipped as data,
 marked as evaluation in their summaries, and counted in ``env_steps``: every step the robot took is).
 
+Warm start (``learner.warm_start.checkpoint`` set, learner/wsrl.py): the learner publishes the
+pre-trained policy when it is built, and the actor acts with it from the first step: no random
+steps, and :meth:`ActingLoop.run` waits (up to ``PRETRAINED_POLICY_WAIT_S``, then fails) for those
+weights rather than act before they arrive.
+
 Human in the loop: when a teleop device overrides the policy (the env is wrapped in an
 :class:`~actor.intervention.InterventionWrapper`), the transition carries the action the robot
 EXECUTED (``info["executed_action"]``), flagged ``intervened``, and each episode's intervention rate
@@ -51,6 +56,9 @@ from policies.gaussian import policy_state_to_bytes
 from transport import steerl_pb2 as pb
 
 log = logging.getLogger("steerl.actor")
+
+# With a warm start, how long run() waits for the learner's first (pre-trained) weights.
+PRETRAINED_POLICY_WAIT_S = 60.0
 
 
 @dataclass
@@ -162,6 +170,9 @@ class ActingLoop:
         self._episode = first_episode
         self._rng = np.random.default_rng(config.seed if episode_seed is None else episode_seed)
         env.action_space.seed(config.seed)
+        # A warm-started run acts with the pre-trained policy from the first step.
+        self.warm_start = config.learner.warm_start.enabled
+        self.random_steps = 0 if self.warm_start else config.actor.random_steps
 
     def _select(self, observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {key: observation[key] for key in self.keys}
@@ -174,7 +185,7 @@ class ActingLoop:
             self.stats.policy_version, self.policy = fresh
 
     def _action(self, observation: dict[str, np.ndarray], deterministic: bool) -> np.ndarray:
-        exploring = self.stats.env_steps < self.config.actor.random_steps and not deterministic
+        exploring = self.stats.env_steps < self.random_steps and not deterministic
         if self.policy is None or exploring:
             return self.env.action_space.sample()
         return np.asarray(self.policy.act(self._select(observation), deterministic=deterministic), dtype=np.float32)
@@ -337,8 +348,10 @@ class ActingLoop:
         ratio = self.config.actor.max_steps_per_update
         if not ratio or self.link is None:
             return
+        learner = self.config.learner
+        first_update_after = learner.warm_start.warmup_steps if self.warm_start else learner.learning_starts
         while self.link.connected:  # a learner that is away is not waited for
-            steps_to_cover = self.stats.env_steps - self.config.learner.learning_starts
+            steps_to_cover = self.stats.env_steps - first_update_after
             if self.link.learner_updates * ratio >= steps_to_cover:
                 return
             if on_progress is not None:
@@ -346,12 +359,35 @@ class ActingLoop:
             self.operator.poll()  # an emergency stop acts at once, the rest waits for the next episode
             time.sleep(0.02)
 
+    def wait_for_pretrained_policy(self, timeout_s: float = PRETRAINED_POLICY_WAIT_S) -> None:
+        """Warm start: take the learner's first published weights (the pre-trained policy) before
+        the first step; raises ``RuntimeError`` when none arrive within ``timeout_s``."""
+        if self.policy is not None or self.link is None:
+            return
+        log.info("warm start: waiting up to %.0f s for the pre-trained policy from the learner", timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._swap_policy()
+            if self.policy is not None:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"warm start: no policy weights from the learner within {timeout_s:.0f} s; a "
+                                   "warm-started actor does not act without the pre-trained policy")
+            self.operator.poll()  # an emergency stop acts at once
+            if self.on_progress is not None:
+                self.on_progress(self.stats)
+            time.sleep(0.02)
+        log.info("warm start: acting with the pre-trained policy (weights version %d) from the first step",
+                 self.stats.policy_version)
+
     def run(self, total_steps: int, on_progress: Callable[[ActingStats], None] | None = None) -> ActingStats:
         """Act until ``total_steps`` training env steps are done."""
-        start, start_steps = time.perf_counter(), self.stats.env_steps
-        every = self.config.actor.eval_every_episodes
         if on_progress is not None:
             self.on_progress = on_progress
+        if self.warm_start:
+            self.wait_for_pretrained_policy()
+        start, start_steps = time.perf_counter(), self.stats.env_steps
+        every = self.config.actor.eval_every_episodes
         while self.stats.env_steps < total_steps:
             self._wait_for_learner(on_progress)
             episode_return, _, success = self.run_episode()

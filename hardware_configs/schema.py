@@ -650,6 +650,56 @@ class SACConfig:
 
 
 @dataclass(frozen=True)
+class WarmStartConfig:
+    """WSRL (learner/wsrl.py): fine-tune online from an offline checkpoint, without its data.
+
+    The path of ``checkpoint`` is checked where the learner runs (``steerl train``/``steerl
+    learner`` and the learner itself), not when the file is loaded: the actor's machine reads the
+    same config file and has no copy of the checkpoint.
+    """
+
+    # A learner or Cal-QL checkpoint (ckpt-<n>/) or a run directory (its newest checkpoint);
+    # "" for no warm start. --warm-start overrides it.
+    checkpoint: str = ""
+    # Online transitions collected with the pre-trained policy before the first update; replaces
+    # learner.learning_starts (and the actor takes no random steps). --warmup-steps overrides it.
+    warmup_steps: int = 5000
+    # With a warm start, the share of each minibatch drawn from offline_data (and --demos); the
+    # rest is online data. 0 is WSRL's choice: the offline data is discarded.
+    offline_ratio: float = 0.0
+    # Replay buffer directories (steerl record-demos, a checkpoint's online/) sampled at
+    # offline_ratio; needed when offline_ratio > 0.
+    offline_data: tuple[str, ...] = ()
+    # Keep the checkpoint's Adam moments (WSRL restores the whole agent state); false starts the
+    # optimisers afresh. The learning rates are always this config's.
+    load_optimizers: bool = True
+    # Start from sac.init_temperature instead of the checkpoint's temperature. WSRL keeps the
+    # pre-trained temperature; a reset makes the first online episodes explore more, at the risk
+    # of unlearning what the policy knew.
+    reset_temperature: bool = False
+    # Q-values of the online batches (data actions, policy actions, TD targets) are logged for
+    # each of the first q_log_updates updates after the warm-up, then every q_log_every updates
+    # (0: never), to TensorBoard, the learner log and RUN_DIR/warm_start_q.json.
+    q_log_updates: int = 50
+    q_log_every: int = 1000
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.checkpoint)
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
+        if not 0.0 <= self.offline_ratio < 1.0:
+            raise ValueError(f"offline_ratio must lie in [0, 1), got {self.offline_ratio}")
+        if self.offline_ratio > 0.0 and not self.offline_data:
+            raise ValueError(f"offline_ratio {self.offline_ratio:g} needs offline_data (replay buffer "
+                             "directories to draw that share of each batch from)")
+        if self.q_log_updates < 0 or self.q_log_every < 0:
+            raise ValueError("q_log_updates and q_log_every must be non-negative")
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     """The learner process: what it trains on, where it listens, how often it publishes."""
 
@@ -675,6 +725,8 @@ class LearnerConfig:
     num_threads: int = 0
     # The policy server (steerl policy-server) for actors with actor.policy_source: remote.
     policy_server: PolicyServerConfig = field(default_factory=PolicyServerConfig)
+    # WSRL: start from an offline (e.g. Cal-QL) checkpoint and fine-tune online (learner/wsrl.py).
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def validate(self) -> None:
         if not 0.0 <= self.demo_ratio < 1.0:
@@ -689,7 +741,8 @@ class LearnerConfig:
 class ActorConfig:
     """The acting loop on the robot PC."""
 
-    # Uniform random actions for this many env steps before the policy acts (when no demos).
+    # Uniform random actions for this many env steps before the policy acts (when no demos; none
+    # with learner.warm_start: the pre-trained policy acts from the first step).
     random_steps: int = 1000
     # Evaluate the deterministic policy for eval_episodes every eval_every_episodes (0: never).
     eval_every_episodes: int = 20

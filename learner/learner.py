@@ -17,6 +17,13 @@ Loop (single-threaded, so the order of events is reproducible):
 3. every ``publish_every_updates`` updates publish the policy's weights; every
    ``checkpoint_every_updates`` write a checkpoint.
 
+Warm start (``learner.warm_start``, WSRL, learner/wsrl.py): a fresh run loads the networks of an
+offline (e.g. Cal-QL) checkpoint when the agent is built and publishes that policy at once; the
+first update waits for ``warm_start.warmup_steps`` online transitions (instead of
+``learning_starts``) and updates then follow the env steps counted from there; each batch draws
+``warm_start.offline_ratio`` (instead of ``demo_ratio``) from the offline data and the rest from
+the online buffer; the Q-values of the first online batches are logged.
+
 Run directory layout::
 
     RUN_DIR/
@@ -34,6 +41,7 @@ Run directory layout::
                                 it at the end): policy.safetensors, and learner.json with the spaces
                                 and a "best_eval" entry; `steerl eval --checkpoint` loads it too
       tensorboard/              scalars for TensorBoard
+      warm_start_q.json         with a warm start: Q-values of the online batches after the switch
 
 A checkpoint is written to ``ckpt-<n>.tmp`` and renamed into place, then ``latest`` is replaced
 atomically: a crash leaves the previous checkpoint intact. On ``resume`` the newest readable
@@ -63,7 +71,18 @@ from learner.replay import Batch, ReplayBuffer, ReplayFormatError, sample_mixed
 from learner.sac import SACAgent
 from learner.service import LearnerService
 from learner.transition_log import TransitionLog
+from learner.wsrl import (
+    Q_LOG_FILE,
+    PretrainedCheckpoint,
+    QValueLog,
+    WarmStartError,
+    check_warm_start,
+    load_offline_data,
+    load_warm_start,
+    sample_batch,
+)
 from transport import steerl_pb2 as pb
+from transport.codec import ProtocolError
 from transport.spaces import RobotSpaces
 
 log = logging.getLogger("steerl.learner")
@@ -168,14 +187,35 @@ class Learner:
         # stream id -> episode -> {"online": [add indices], "interventions": [add indices]}, oldest first.
         self._episode_rows: dict[int, OrderedDict[int, dict[str, list[int]]]] = {}
         self.episodes_discarded = 0
+        # Warm start (WSRL): the offline checkpoint, until the agent is built from it (a resumed run
+        # that has checkpoints of its own loads those instead); the offline buffers; the Q log.
+        self.warm_start = self.settings.warm_start
+        self.warm_started_from: dict | None = None
+        self.offline: list[ReplayBuffer] = []
+        self.q_log: QValueLog | None = None
+        self.failure: Exception | None = None
+        self._pretrained: PretrainedCheckpoint | None = None
+        if self.warm_start.enabled:
+            resuming_own = resume and any(self.checkpoint_dir.glob("ckpt-*[0-9]"))
+            if resuming_own:
+                log.info("warm start: resuming the run from its own checkpoints; %s is not loaded again",
+                         self.warm_start.checkpoint)
+            else:
+                self._pretrained = check_warm_start(self.warm_start, self.settings.sac)
+            self.q_log = QValueLog(self.run_dir / Q_LOG_FILE, self.warm_start, resume=resuming_own)
         self.service = LearnerService(
             self.settings.address, TransitionLog(self.run_dir / "transition_log"),
-            on_transition=self._add, on_episode=self._episode, on_spaces=self._build, on_discard=self._discard)
+            on_transition=self._add, on_episode=self._episode, on_spaces=self._spaces_announced,
+            on_discard=self._discard)
         if resume:
             self._restore()
         elif spaces is not None:
             self.service.set_spaces(spaces)
-            self._build(spaces)
+            try:
+                self._build(spaces)
+            except WarmStartError:
+                self.close()
+                raise
         replayed = self.service.replay_log()
         if replayed:
             log.info("replayed %d transitions from the transition log", replayed)
@@ -185,13 +225,31 @@ class Learner:
     def address(self) -> str:
         return self.service.address
 
+    def _spaces_announced(self, spaces: RobotSpaces) -> None:
+        """The first actor's spaces: build. A warm-start checkpoint that does not fit them stops
+        the learner (the actor is refused with the reason; :meth:`run` raises it)."""
+        try:
+            self._build(spaces)
+        except WarmStartError as error:
+            log.error("%s", error)
+            self.failure = error
+            self.stop()
+            raise ProtocolError(pb.ERROR_INCOMPATIBLE, str(error)) from None
+
     def _build(self, spaces: RobotSpaces) -> None:
-        """Create the agent and buffers once the robot's spaces are known."""
+        """Create the agent and buffers once the robot's spaces are known (with a warm start, the
+        agent from the offline checkpoint: checked before anything is kept)."""
         selected = spaces.select(self.keys)
-        self.spaces = selected
         observation_space, action_space = selected.observation_space(), selected.action_space()
-        self.agent = SACAgent(self.settings.sac, observation_space, action_space, device=self.device,
-                              seed=self.config.seed)
+        agent = SACAgent(self.settings.sac, observation_space, action_space, device=self.device,
+                         seed=self.config.seed)
+        if self.warm_start.enabled:
+            if self._pretrained is not None:
+                self.warm_started_from = load_warm_start(agent, self.warm_start, self._pretrained)
+                self._pretrained = None
+            self.offline = load_offline_data(self.warm_start, observation_space)
+        self.spaces = selected
+        self.agent = agent
         self.online = ReplayBuffer(observation_space, action_space.shape[0], self.settings.replay_capacity,
                                    seed=self.config.seed)
         self.interventions = ReplayBuffer(observation_space, action_space.shape[0],
@@ -199,9 +257,32 @@ class Learner:
         if self._demo_path is not None and self.demos is None:
             self.demos = ReplayBuffer.load(self._demo_path, observation_space)
             log.info("loaded %d demo transitions from %s", len(self.demos), self._demo_path)
+        if self.warm_start.enabled:
+            self._announce_warm_start()
         self.service.publish(self.agent.publish_policy(), self.updates)
         log.info("learner ready: %s, observation %s, action %s, device %s", self.settings.algorithm,
                  {k: tuple(v.shape) for k, v in selected.observation.items()}, tuple(selected.action.shape), self.device)
+
+    def _announce_warm_start(self) -> None:
+        """Log how a warm-started run samples, and head the Q log with where it started from."""
+        settings = self.warm_start
+        offline = sum(len(buffer) for buffer in self._offline_sources())
+        if settings.offline_ratio and offline:
+            log.info("warm start: %.0f%% of each batch from %d offline transitions, the rest online",
+                     100 * settings.offline_ratio, offline)
+        else:
+            log.info("warm start: fine-tuning on online data only (the offline data is discarded)")
+        if self.demos is not None and not settings.offline_ratio:
+            log.warning("warm start: the --demos buffer is not sampled: learner.warm_start.offline_ratio is 0")
+        if self.updates == 0:
+            log.info("warm start: no updates until %d transitions from the pre-trained policy are in",
+                     settings.warmup_steps)
+        if self.q_log is not None and self.warm_started_from is not None:
+            self.q_log.write({"warm_started_from": self.warm_started_from})
+
+    def _offline_sources(self) -> list[ReplayBuffer]:
+        """What a warm-started run samples at ``offline_ratio``: the offline data and the demos."""
+        return self.offline + ([self.demos] if self.demos is not None else [])
 
     def _add(self, stream_id: int, transition: dict) -> None:
         assert self.online is not None
@@ -258,16 +339,28 @@ class Learner:
 
     # -- training -----------------------------------------------------------------------------
     def _sample(self) -> Batch:
+        return self._sample_with_sources()[0]
+
+    def _sample_with_sources(self) -> tuple[Batch, np.ndarray | None]:
+        """The next update's batch, and with a warm start which rows came from offline data."""
         assert self.online is not None
         sac = self.settings.sac
+        if self.warm_start.enabled:
+            return sample_batch(self.online, self._offline_sources(), sac.batch_size, self.warm_start.offline_ratio,
+                                sac.utd_ratio, self._rng)
         demo_sources = [buffer for buffer in (self.demos, self.interventions) if buffer is not None]
         return sample_mixed(self.online, demo_sources, sac.batch_size, self.settings.demo_ratio, sac.utd_ratio,
-                            self._rng)
+                            self._rng), None
 
     def ready_to_update(self) -> bool:
-        return (self.agent is not None and self.online is not None
-                and len(self.online) >= self.settings.learning_starts
-                and self.updates < self.service.transitions_received)
+        """One update per env step received, once ``learning_starts`` transitions are in; with a
+        warm start, once ``warmup_steps`` are, and one per env step after those."""
+        if self.agent is None or self.online is None:
+            return False
+        if self.warm_start.enabled:
+            warmup = self.warm_start.warmup_steps
+            return len(self.online) >= max(1, warmup) and self.updates < self.service.transitions_received - warmup
+        return len(self.online) >= self.settings.learning_starts and self.updates < self.service.transitions_received
 
     def train_step(self) -> dict[str, float]:
         assert self.agent is not None and self.online is not None
@@ -277,7 +370,13 @@ class Learner:
             self.agent.fit_state_normalization([buffer.observations(keys) for buffer in sources])
             log.info("state standardised with statistics of %d transitions",
                      sum(len(buffer) for buffer in sources))
-        metrics = self.agent.update(self._sample())
+        if self.warm_start.enabled and self.updates == 0:
+            log.info("warm start: warm-up done (%d transitions from the pre-trained policy); fine-tuning online",
+                     self.service.transitions_received)
+        batch, from_offline = self._sample_with_sources()
+        if self.q_log is not None and self.q_log.due(self.updates):
+            self._log_q_values(batch, from_offline)
+        metrics = self.agent.update(batch)
         self.updates += 1
         self.service.learner_updates = self.updates
         if self.updates % self.settings.publish_every_updates == 0:
@@ -285,6 +384,17 @@ class Learner:
         if self.updates % self.settings.checkpoint_every_updates == 0:
             self.checkpoint()
         return metrics
+
+    def _log_q_values(self, batch: Batch, from_offline: np.ndarray | None) -> None:
+        """Measure the critic on the online rows of the coming update's batch (warm start)."""
+        assert self.q_log is not None and self.agent is not None and from_offline is not None
+        entry = self.q_log.record(self.agent, batch, from_offline, self.updates, self.service.transitions_received,
+                                  max_rows=self.settings.sac.batch_size)
+        for name in ("q_data", "q_policy", "td_target"):
+            self.writer.add_scalar(f"warm_start/{name}", entry[name], self.updates)
+        log.info("warm start: Q after %d updates: data actions %.4g, policy actions %.4g, TD target %.4g "
+                 "(mean reward %.3g)", self.updates, entry["q_data"], entry["q_policy"], entry["td_target"],
+                 entry["reward"])
 
     def stop(self) -> None:
         self._stop.set()
@@ -314,6 +424,8 @@ class Learner:
             if self.agent is not None:
                 self.checkpoint()
             self.close()
+        if self.failure is not None:
+            raise self.failure
 
     def _log_metrics(self, updates_per_s: float) -> None:
         step = self.service.transitions_received
@@ -322,6 +434,9 @@ class Learner:
         self.writer.add_scalar("learner/updates_per_s", updates_per_s, self.updates)
         self.writer.add_scalar("learner/online_transitions", len(self.online or ()), step)
         self.writer.flush()
+        if self.warm_start.enabled and self.updates == 0:
+            log.info("warm-up: %d of %d transitions from the pre-trained policy, no updates yet", step,
+                     self.warm_start.warmup_steps)
         log.info("updates %d (%.1f/s), transitions %d, %s", self.updates, updates_per_s, step,
                  ", ".join(f"{k} {v:.3g}" for k, v in sorted(self._last_metrics.items())[:6]))
 
@@ -358,6 +473,7 @@ class Learner:
             "config": to_dict(self.config),
             "episode_rows": {str(stream): {str(episode): rows for episode, rows in episodes.items()}
                              for stream, episodes in self._episode_rows.items()},
+            "warm_start": self.warm_started_from,
         }
         (staging / "learner.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -383,6 +499,8 @@ class Learner:
                 self._load_checkpoint(directory)
                 log.info("resumed from %s (%d updates)", directory, self.updates)
                 return
+            except WarmStartError:
+                raise  # the config's offline data, not the checkpoint, is at fault
             except (CheckpointError, ReplayFormatError, OSError, ValueError, KeyError) as error:
                 log.error("checkpoint %s is unreadable (%s); trying the previous one", directory, error)
         raise CheckpointError(f"no readable checkpoint in {self.checkpoint_dir}")
@@ -410,6 +528,7 @@ class Learner:
                               for stream, episodes in meta.get("episode_rows", {}).items()}
         self.service.transitions_received = int(meta["transitions_received"])
         self.service.weights_version = int(meta["weights_version"])
+        self.warm_started_from = meta.get("warm_start")
         self.service.publish(self.agent.publish_policy(), self.updates)
 
     def close(self) -> None:

@@ -94,10 +94,34 @@ def _with_teleop(config: SessionConfig, teleop: str | None) -> SessionConfig:
     return dataclasses.replace(config, actor=dataclasses.replace(config.actor, teleop=teleop))
 
 
+def _with_warm_start(config: SessionConfig, args: argparse.Namespace) -> SessionConfig:
+    """``--warm-start`` / ``--warmup-steps`` override ``learner.warm_start`` (WSRL, learner/wsrl.py)."""
+    settings = config.learner.warm_start
+    changes: dict = {}
+    if args.warm_start:
+        changes["checkpoint"] = str(Path(args.warm_start).resolve())  # as the run's records will name it
+    if args.warmup_steps is not None:
+        changes["warmup_steps"] = args.warmup_steps
+    if changes:
+        settings = dataclasses.replace(settings, **changes)
+        if not settings.enabled:
+            raise ConfigError("--warmup-steps: needs a warm start (--warm-start CKPT or learner.warm_start.checkpoint)")
+        try:
+            settings.validate()
+        except ValueError as error:
+            raise ConfigError(f"learner.warm_start: {error}") from None
+        config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, warm_start=settings))
+    return config
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tools.session import run_training
 
-    config = _with_teleop(_training_config(args), args.teleop)
+    config = _with_warm_start(_with_teleop(_training_config(args), args.teleop), args)
+    if config.learner.warm_start.enabled and not args.resume:  # a resumed run reads its own checkpoints
+        from learner.wsrl import check_warm_start
+
+        check_warm_start(config.learner.warm_start, config.learner.sac)  # before the children start
     if args.save_videos < 0:
         print(f"steerl train: --save-videos must be 0 or positive, got {args.save_videos}", file=sys.stderr)
         return 2
@@ -111,7 +135,7 @@ def cmd_learner(args: argparse.Namespace) -> int:
 
     from learner.learner import Learner
 
-    config = _training_config(args)
+    config = _with_warm_start(_training_config(args), args)
     learner = Learner(config, args.run_dir or f"{config.learner.run_dir}/{config.name}", resume=args.resume,
                       demos=args.demos)
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -127,7 +151,7 @@ def cmd_actor(args: argparse.Namespace) -> int:
 
     from tools.session import attach_reward_classifier, attach_teleop, open_env, run_actor
 
-    config = _with_teleop(_training_config(args), args.teleop)
+    config = _with_warm_start(_with_teleop(_training_config(args), args.teleop), args)
     console = Console()
     with ExitStack() as stack:
         env = open_env(config, args.env_id, stack, start_server=False)
@@ -349,6 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--env-id", help="train on a registered gymnasium env (Id-v0 or module:Id-v0) in-process "
                                           "instead of the robot of the config")
 
+    def warm_start_options(sub: argparse.ArgumentParser) -> None:
+        # The actor never reads the checkpoint: a warm start makes it act with the learner's first
+        # (pre-trained) weights from its first step, without random steps.
+        sub.add_argument("--warm-start", metavar="CKPT",
+                         help="WSRL: start from this offline checkpoint (steerl train-calql output or any learner "
+                              "checkpoint or run directory), act with its policy from the first step and fine-tune "
+                              "online without its data (overrides learner.warm_start.checkpoint)")
+        sub.add_argument("--warmup-steps", type=int, metavar="N",
+                         help="with a warm start: env steps collected with the pre-trained policy before the first "
+                              "update (overrides learner.warm_start.warmup_steps)")
+
     train = commands.add_parser(
         "train", help="run a training session: robot server + learner + actor, with live progress",
         description="Start the robot server and the learner as child processes and act in the foreground, "
@@ -364,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "spacemouse, simulated_operator or a YAML path (overrides actor.teleop)")
     train.add_argument("--save-videos", type=int, default=0, metavar="N",
                        help="save every N-th episode's camera images as MP4 into RUN_DIR/videos (0: none)")
+    warm_start_options(train)
     train.set_defaults(handler=cmd_train)
 
     learner = commands.add_parser(
@@ -375,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     learner.add_argument("--demos", help="a demo buffer made by 'steerl record-demos'")
     learner.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     learner.add_argument("--max-updates", type=int, help="stop after this many updates")
+    warm_start_options(learner)
     learner.set_defaults(handler=cmd_learner)
 
     actor = commands.add_parser(
@@ -384,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_options(actor)
     actor.add_argument("--steps", type=int, default=30_000)
     actor.add_argument("--actor-id", help="stable name of this actor (default actor-<config name>)")
+    warm_start_options(actor)
     actor.add_argument("--teleop", metavar="NAME_OR_YAML",
                        help="teleop device for interventions and operator events: keyboard, gamepad_xbox, "
                             "spacemouse, simulated_operator or a YAML path (overrides actor.teleop)")

@@ -221,6 +221,11 @@ def run_training(config: SessionConfig, run_dir: str | Path, total_steps: int, d
     source = env_id or f"{config.robot.backend} {config.robot.task.name}"
     console.print(f"[bold]steerl train[/] {config.name}: {source}, {total_steps} env steps, run dir {run_dir}"
                   f"{', demos ' + str(demos) if demos else ''}")
+    warm_start = config.learner.warm_start
+    if warm_start.enabled:
+        console.print(f"warm start (WSRL) from {warm_start.checkpoint}: its policy acts from the first step, "
+                      f"updates begin after {warm_start.warmup_steps} env steps, offline share "
+                      f"{warm_start.offline_ratio:.0%}")
     with ExitStack() as stack:
         learner = stack.enter_context(learner_process(config, run_dir, demos, resume))
         env = open_env(config, env_id, stack)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -90,3 +91,47 @@ def test_train_then_eval_on_a_third_party_gym_env(tmp_path: Path) -> None:
                        "--checkpoint", str(run_dir / "best_policy"), "--episodes", "2", "--seed", "7919")
     assert held_out.returncode == 0, held_out.stderr[-3000:]
     assert "over 2 episodes" in held_out.stdout
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(child) for child in path.read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from /proc")
+def test_sigterm_to_train_stops_its_robot_server_and_learner(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from conftest import free_tcp_address
+    from hardware_configs.schema import load_config
+
+    config = load_config("sim_panda_reach")
+    address = free_tcp_address()
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, address=address),
+        env=dataclasses.replace(config.env, address=address),
+        learner=dataclasses.replace(config.learner, address=free_tcp_address(), num_threads=1))
+    config_file = save_config(config, tmp_path / "reach.yaml")
+    train = subprocess.Popen([sys.executable, "-m", "tools.cli", "train", "--config", str(config_file), "--steps",
+                              "1000000", "--run-dir", str(tmp_path / "run")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(train.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        children = _children(train.pid)
+        assert len(children) == 2, "train did not start a robot server and a learner"
+        time.sleep(3)  # let the session get going
+        train.send_signal(signal.SIGTERM)
+        assert train.wait(timeout=180) != 0
+        for child in children:
+            assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text(), \
+                f"child {child} outlived its session"
+    finally:
+        if train.poll() is None:
+            train.kill()

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -567,7 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds like Ctrl-C, so that a session's child processes (robot server, learner) are
+    # stopped by their context managers instead of being orphaned. Commands that serve (learner,
+    # robot-server, policy-server) install their own graceful handlers over this one.
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if getattr(args, "handler", None) is cmd_train_calql:

@@ -42,6 +42,8 @@ setup(
         # transformers; the diffusion policy uses the diffusers noise schedulers.
         "transformers>=5.0",
         "diffusers>=0.35",
+        # PA-RL (learner/parl.py) fine-tunes OpenVLA through LoRA adapters (pulls in accelerate).
+        "peft>=0.21",
     ],
     extras_require={
         "dev": [

@@ -196,7 +196,7 @@ def _import_builtin_policies() -> None:
     VLA adapter pulls in transformers)."""
     import importlib
 
-    for module in ("policies.sac_policy", "policies.diffusion", "policies.openvla", "policies.vgps"):
+    for module in ("policies.sac_policy", "policies.diffusion", "policies.openvla", "policies.vgps", "learner.parl"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:

@@ -672,6 +672,27 @@ class DiffusionPolicy(Policy):
         noisy = self.noise_scheduler.add_noise(chunks, noise, timesteps)
         return F.mse_loss(self.network.denoiser(noisy, timesteps, condition), noise)
 
+    def supervised_loss(self, observations: PolicyInput, actions: torch.Tensor,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """:meth:`loss` for target actions given observations in :meth:`sample`'s format (the
+        interface of ``learner/parl.py``'s distillation): each field ``[B, n_obs, ...]`` or ``[B,
+        ...]``; ``actions`` ``[B, A]`` (one action per observation, the chunk's first) or whole chunks
+        ``[B, H, A]``. A single action becomes a constant chunk (the action repeated ``H`` times):
+        with ``horizon`` 1, the setting of a critic that scores single actions, that is the plain
+        denoising loss of that action; with ``H > 1`` it also pulls the chunk's later actions
+        towards it, which suits re-planning after every action (``action_steps`` 1)."""
+        device = self.device
+        history = self._history_tensors(observations, device)
+        actions = actions.to(device=device, dtype=torch.float32)
+        if actions.dim() == 2 and actions.shape[1] == self.action_dim:
+            chunks = actions[:, None].expand(-1, self.horizon, -1)
+        elif actions.dim() == 3 and tuple(actions.shape[1:]) == (self.horizon, self.action_dim):
+            chunks = actions
+        else:
+            raise ValueError(f"actions must be [B, {self.action_dim}] or [B, {self.horizon}, {self.action_dim}], "
+                             f"got {tuple(actions.shape)}")
+        return self.loss(history, chunks.contiguous(), generator)
+
     # -- files --------------------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:

@@ -818,3 +818,48 @@ class OpenVLAPolicy(Policy):
             embeddings[index, longest - len(row):] = row
             attention_mask[index, longest - len(row):] = 1
         return embeddings, attention_mask
+
+    # -- supervised training (PA-RL's distillation, learner/parl.py) ----------------------------------
+
+    def action_tokens(self, actions: torch.Tensor) -> torch.Tensor:
+        """Robot actions ``[..., A]`` in ``[-1, 1]`` -> the action token ids ``[..., A_raw]`` that
+        :meth:`sample` maps back to them: ``config.mapping.inverse`` (raw dimensions the mapping drops
+        are taught as raw 0, no motion), the checkpoint's ``normalize`` and the bin encoding training
+        uses. Exact up to half a bin where the raw value lies within q01..q99 (beyond, the end bin)."""
+        raw = self.config.mapping.inverse(actions.float())
+        return self.layout.encode(self.stats.normalize(raw))
+
+    def action_token_log_likelihood(self, observations: PolicyInput, actions: torch.Tensor) -> torch.Tensor:
+        """:meth:`token_log_likelihood` of the tokens of robot actions ``[B, A]`` (:meth:`action_tokens`)."""
+        return self.token_log_likelihood(observations, self.action_tokens(actions.to(self.device)))
+
+    def token_log_likelihood(self, observations: PolicyInput, token_ids: torch.Tensor) -> torch.Tensor:
+        """``log p(t_j | prefix, t_<j)`` ``[B, A_raw]`` of action tokens ``[B, A_raw]`` given each
+        observation's image and prompt, under the full vocabulary (the language-model loss OpenVLA
+        is trained with), differentiable in the model's weights.
+
+        One teacher-forced forward pass: the left-padded multimodal prefix of :meth:`prefix_embeddings`
+        followed by the first ``A_raw - 1`` tokens; positions count from each row's first unpadded
+        entry, as in generation, so the logits are those :meth:`generate_action_tokens` samples from
+        (before it masks out the non-action tokens)."""
+        images = self.images(observations)
+        batch = len(images)
+        if tuple(token_ids.shape) != (batch, self.raw_action_dim):
+            raise ValueError(f"token_ids must be [{batch}, {self.raw_action_dim}] for a batch of {batch}, "
+                             f"got {tuple(token_ids.shape)}")
+        targets = token_ids.to(self.device, torch.long)
+        prefix, prefix_mask = self.prefix_embeddings(self.prompts(observations, batch), images)
+        embeddings = torch.cat([prefix, self.model.get_input_embeddings()(targets[:, :-1]).to(prefix.dtype)], dim=1)
+        attention_mask = torch.cat([prefix_mask, prefix_mask.new_ones((batch, targets.shape[1] - 1))], dim=1)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        logits = self.model.language_model(inputs_embeds=embeddings, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=False).logits
+        logits = logits[:, prefix.shape[1] - 1:].float()  # the positions that predict t_0 .. t_{A_raw-1}
+        return logits.log_softmax(dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+    def supervised_loss(self, observations: PolicyInput, actions: torch.Tensor,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Mean token cross-entropy of ``actions`` ``[B, A]`` (:meth:`action_token_log_likelihood`);
+        deterministic, so ``generator`` is unused. Train only a few parameters (LoRA adapters,
+        ``learner/parl.py``): every weight of the checkpoint receives a gradient otherwise."""
+        return -self.action_token_log_likelihood(observations, actions).mean()

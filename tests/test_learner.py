@@ -54,7 +54,7 @@ class LearnerThread:
 def _acting(config, env, actor_id="actor-0"):
     spaces = RobotSpaces.from_gym(env.observation_space, env.action_space)
     link = LearnerLink(config.learner.address, actor_id, spaces, load_policy=actor_policy_loader(config, spaces))
-    hello = link.wait_for_hello(10)
+    hello = link.wait_for_hello(60)  # a learner process starting on a loaded 2-core machine takes a while
     assert hello is not None
     first = hello.acked_episode + 1 if hello.has_acked else 0
     return ActingLoop(config, env, link, tuple(spaces.observation), first_episode=first), link

@@ -369,8 +369,8 @@ def binding_rows(config: TeleopConfig) -> list[tuple[str, str]]:
             rows.append((button(config.intervene_button), f"intervene ({config.intervene})"))
         return rows + _event_rows(config.events, button)
     if isinstance(config, SimulatedOperatorConfig):
-        return [("(scripted)", f"takes over after {config.patience_steps} steps of disagreement with the "
-                               f"scripted expert, steers {config.hold_steps} steps, at most "
+        return [("(scripted)", f"takes over after {config.patience_steps} steps without progress on the "
+                               f"task, steers {config.hold_steps} steps, at most "
                                f"{config.max_episode_share:.0%} of an episode")]
     return []
 

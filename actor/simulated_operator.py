@@ -5,9 +5,12 @@
 with the observation the policy acted on and the policy's action). Each step it
 
 1. asks the :class:`~policies.scripted.ScriptedExpert` what it would do;
-2. while watching: counts consecutive steps on which the policy disagrees with the expert (some
-   action entry, motion or gripper, off by more than ``disagreement_threshold``);
-   after ``patience_steps`` of them it decides to step in;
+2. while watching: judges whether the task is moving forward — the expert's
+   :meth:`~policies.scripted.ScriptedExpert.progress` (the hand closing in on the cube, the cube
+   rising) gaining at least ``min_progress_m`` on the best seen since the last gain. A policy that
+   solves the task its own way is left alone however different its actions are from the expert's;
+   after ``patience_steps`` steps without progress (stuck, dithering or drifting away) it decides
+   to step in;
 3. takes over ``reaction_delay_steps`` later and steers for ``hold_steps`` with the expert's action
    plus Gaussian noise (``noise_std``) on the motion, then hands back and watches again;
 4. never exceeds its budget: an intervened step must keep the intervened share at most
@@ -63,7 +66,8 @@ class SimulatedOperator(TeleopDevice):
         self.episode_steps = 0
         self.episode_interventions = 0
         self._phase = "watching"
-        self._disagreeing_steps = 0
+        self._best_progress = -np.inf
+        self._steps_without_progress = 0
         self._countdown = 0
         self._reading = TeleopReading(self._idle_action(), False)
 
@@ -71,18 +75,27 @@ class SimulatedOperator(TeleopDevice):
         """This step's decision (made by the last :meth:`observe`)."""
         return self._reading
 
-    def disagrees(self, policy_action: np.ndarray, expert_action: np.ndarray) -> bool:
-        """Whether a person would see the policy going astray on this step."""
-        return bool(np.max(np.abs(policy_action - expert_action)) > self.config.disagreement_threshold)
+    def made_progress(self, observation: dict[str, np.ndarray]) -> bool:
+        """Whether the task has moved forward by ``min_progress_m`` since it last did (updates the mark)."""
+        progress = self._expert.progress(observation)
+        if progress >= self._best_progress + self.config.min_progress_m or not np.isfinite(self._best_progress):
+            self._best_progress = progress
+            return True
+        return False
 
     def observe(self, observation: dict[str, np.ndarray], policy_action: np.ndarray) -> None:
-        """Decide this step: watch, react, or steer (see the module docstring)."""
+        """Decide this step: watch, react, or steer (see the module docstring).
+
+        ``policy_action`` is what the policy proposes; the operator judges the state the policy's
+        earlier actions led to, as a person watching the arm does.
+        """
         expert = self._expert.act(observation)
-        policy_action = np.asarray(policy_action, dtype=np.float32)
+        stalled = not self.made_progress(observation)
         if self._phase == "watching":
-            self._disagreeing_steps = self._disagreeing_steps + 1 if self.disagrees(policy_action, expert) else 0
-            if self._disagreeing_steps >= self.config.patience_steps:
-                self._phase, self._countdown, self._disagreeing_steps = "reacting", self.config.reaction_delay_steps, 0
+            self._steps_without_progress = self._steps_without_progress + 1 if stalled else 0
+            if self._steps_without_progress >= self.config.patience_steps:
+                self._phase, self._countdown = "reacting", self.config.reaction_delay_steps
+                self._steps_without_progress = 0
         if self._phase == "reacting":
             if self._countdown == 0:
                 self._phase, self._countdown = "holding", self.config.hold_steps
@@ -94,6 +107,7 @@ class SimulatedOperator(TeleopDevice):
             self._countdown -= 1
             if self._countdown == 0:
                 self._phase = "watching"
+                self._steps_without_progress = 0
         self.episode_steps += 1
         self.total_steps += 1
         if intervene:

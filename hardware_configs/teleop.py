@@ -320,17 +320,18 @@ class SpaceMouseTeleopConfig:
 class SimulatedOperatorConfig:
     """A scripted stand-in for a person watching the policy in the PyBullet cell.
 
-    It compares each policy action with the scripted expert's; after ``patience_steps`` consecutive
-    disagreements it reacts ``reaction_delay_steps`` later and steers with the expert (plus Gaussian
-    noise on the motion) for ``hold_steps``, then watches again. It never exceeds
+    It watches whether the task moves forward (the scripted expert's progress score: the hand closing
+    in on the cube, the cube rising); after ``patience_steps`` steps without a gain of
+    ``min_progress_m`` it reacts ``reaction_delay_steps`` later and steers with the expert (plus
+    Gaussian noise on the motion) for ``hold_steps``, then watches again. It never exceeds
     ``max_episode_share`` of an episode's steps so far nor ``max_total_share`` of all steps so far.
     """
 
     device: Literal["simulated_operator"] = "simulated_operator"
-    # The policy disagrees when some action entry (motion or gripper) differs from the expert's by
-    # more than this (normalised units).
-    disagreement_threshold: float = 0.5
-    patience_steps: int = 3
+    # The least gain in the task's progress score (metres) that counts as the task moving forward.
+    min_progress_m: float = 0.005
+    # Steps without progress before the operator decides to step in; long enough for a grasp to close.
+    patience_steps: int = 6
     reaction_delay_steps: int = 2
     hold_steps: int = 10
     noise_std: float = 0.05
@@ -339,8 +340,8 @@ class SimulatedOperatorConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.disagreement_threshold <= 0:
-            raise ValueError(f"disagreement_threshold must be positive, got {self.disagreement_threshold}")
+        if self.min_progress_m <= 0:
+            raise ValueError(f"min_progress_m must be positive, got {self.min_progress_m}")
         if self.patience_steps < 1 or self.hold_steps < 1:
             raise ValueError("patience_steps and hold_steps must be at least 1")
         if self.reaction_delay_steps < 0:

@@ -608,6 +608,49 @@ def test_simulated_operator_leaves_a_good_policy_alone_and_is_deterministic(pick
     np.testing.assert_array_equal(traces[0], traces[1])
 
 
+def direct_grasp_policy(observation) -> np.ndarray:
+    """Solves pick_cube unlike the expert: straight at the cube (no hover), slower, then grasp and lift."""
+    offset = np.asarray(observation["task/cube_pose"][:3]) - np.asarray(observation["tcp_pose"][:3])
+    width = float(observation["gripper_width"][0])
+    if np.linalg.norm(offset) > 0.012:
+        return np.append(np.clip(offset / 0.03, -0.4, 0.4), -1.0).astype(np.float32)
+    if width > 0.062:
+        return np.array([0.0, 0.0, 0.0, 1.0], np.float32)
+    return np.array([0.0, 0.0, 1.0, 1.0], np.float32)
+
+
+def test_simulated_operator_judges_progress_not_resemblance_to_the_expert(pick_cube):
+    from policies.scripted import ScriptedExpert
+
+    config, env = pick_cube
+    expert = ScriptedExpert(config.robot)
+    operator_config = load_teleop_config("simulated_operator")
+    operator = SimulatedOperator(operator_config, config.robot)
+    record: list = []
+    results = run_episodes(InterventionWrapper(env, operator), direct_grasp_policy, [21, 22, 23], record)
+    assert all(r["success"] for r in results), results
+    assert operator.total_interventions == 0 and operator.takeovers == 0
+    # Its actions are far from the expert's most of the way: a resemblance test would have stepped in.
+    observation, _ = env.reset(seed=21)
+    gaps = []
+    for _ in range(results[0]["length"]):
+        action = direct_grasp_policy(observation)
+        gaps.append(float(np.max(np.abs(action - expert.act(observation)))))
+        observation, *_ = env.step(action)
+    assert sum(gap > 0.5 for gap in gaps) >= operator_config.patience_steps, gaps
+
+    # A policy that holds still makes no progress: the operator steps in after patience + reaction delay.
+    operator = SimulatedOperator(operator_config, config.robot)
+    record = []
+    run_episodes(InterventionWrapper(env, operator), lambda _obs: np.zeros(4, np.float32), [21], record)
+    flags = [info["intervened"] for _, info in record]
+    first = flags.index(1.0)
+    assert first == operator_config.patience_steps + operator_config.reaction_delay_steps, flags[:20]
+    # It steers for hold_steps, or until its 50 % share of the episode so far is used up.
+    held = min(operator_config.hold_steps, first)
+    assert flags[first:first + held] == [1.0] * held and flags[first + held] == 0.0
+
+
 def test_wrapper_with_keyboard_merges_the_untouched_gripper_and_reports_events(pick_cube, key_pipe):
     _, env = pick_cube
     read_fd, write_fd = key_pipe

@@ -445,13 +445,18 @@ class FiLMResidualBlock(nn.Module):
                                  nn.Linear(4 * width, width))
 
     def forward(self, hidden: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.film(condition).chunk(2, dim=-1)
+        """``hidden`` ``[B * K, width]``, grouped by condition row; ``condition`` ``[B, condition_dim]``."""
+        scale, shift = self.film(condition).repeat_interleave(hidden.shape[0] // condition.shape[0], dim=0).chunk(2, -1)
         return hidden + self.mlp(self.norm(hidden) * (1.0 + scale) + shift)
 
 
 class ConditionalResidualMLP(nn.Module):
-    """The denoiser ``eps_theta(x_t, t, c)``: noisy chunks ``[B, H, A]``, integer timesteps ``[B]``
-    and conditions ``[B, condition_dim]`` -> predicted noise ``[B, H, A]``."""
+    """The denoiser ``eps_theta(x_t, t, c)``: noisy chunks ``[B * K, H, A]``, integer timesteps ``[B]``
+    and conditions ``[B, condition_dim]`` -> predicted noise ``[B * K, H, A]``.
+
+    Each (condition, timestep) row serves ``K`` consecutive chunks (K candidates of one observation
+    while sampling, K = 1 in training): the conditioning path runs once per row, not per chunk.
+    """
 
     def __init__(self, horizon: int, action_dim: int, condition_dim: int, hidden_dim: int, num_blocks: int,
                  timestep_dim: int, dropout: float) -> None:
@@ -464,6 +469,9 @@ class ConditionalResidualMLP(nn.Module):
         self.output = nn.Sequential(nn.LayerNorm(hidden_dim), nn.Mish(), nn.Linear(hidden_dim, horizon * action_dim))
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        if noisy.shape[0] % condition.shape[0] or timesteps.shape[0] != condition.shape[0]:
+            raise ValueError(f"{noisy.shape[0]} chunks, {timesteps.shape[0]} timesteps and {condition.shape[0]} "
+                             f"conditions: expected K chunks per (timestep, condition) row")
         embedded = self.timestep_embedding(timesteps).to(condition.dtype)
         z = self.condition(torch.cat([condition, embedded], dim=-1))
         hidden = self.input(noisy.flatten(1))
@@ -620,18 +628,17 @@ class DiffusionPolicy(Policy):
             generator = generator or self._generator(device)
             start = torch.randn((batch * num_samples, *shape), generator=generator, device=device,
                                 dtype=condition.dtype)
-            chunks = self._denoise(start, condition.repeat_interleave(num_samples, dim=0), sampler, inference_steps,
-                                   generator)
+            chunks = self._denoise(start, condition, sampler, inference_steps, generator)
             return chunks.reshape(batch, num_samples, *shape)
 
     def _denoise(self, sample: torch.Tensor, condition: torch.Tensor, sampler: str, steps: int,
                  generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Run the reverse chain from ``sample`` (``x_T``) with the named scheduler."""
+        """Run the reverse chain from ``sample`` (``x_T``, ``[B * K, H, A]``) with the named scheduler."""
         # set_timesteps rebinds the scheduler's step state: a shallow copy per call keeps
         # concurrent sampling (e.g. a policy server's threads) apart; the schedule tensors are shared.
         scheduler = copy.copy(self._samplers[sampler])
         scheduler.set_timesteps(steps)
-        timesteps = torch.empty(sample.shape[0], dtype=torch.long, device=sample.device)
+        timesteps = torch.empty(condition.shape[0], dtype=torch.long, device=sample.device)
         for t in scheduler.timesteps.tolist():
             noise = self.network.denoiser(sample, timesteps.fill_(t), condition)
             sample = scheduler.step(noise, t, sample, generator=generator).prev_sample

@@ -119,3 +119,48 @@ def test_sac_sweep_quick(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sac_sweep.py"), "--quick", "learner.sac.nope=1"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "no field 'nope'" in bad.stderr
+
+
+def test_vgps_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "vgps.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "vgps.py"), "--quick", "--json", str(out),
+         "--work-dir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    results = json.loads(out.read_text())
+    assert results["quick"] is True
+    for key in ("cpu_model", "cpu_count", "python", "numpy", "torch", "date"):
+        assert results["machine"][key], f"machine.{key} missing"
+    data = results["data"]
+    assert data["episodes"] == sum(level["episodes"] for level in data["levels"]) >= 4
+    assert 0 <= data["successes"] <= data["episodes"] and data["steps"] > 0
+    assert set(results["arms"]) == {"base", "vgps_k10", "vgps_k50", "random_k10", "oracle_k10", "ddpm20"}
+    for name, arm in results["arms"].items():
+        assert arm["episodes"] == 3 and len(arm["per_episode_success"]) == 3, name
+        assert 0.0 <= arm["success_rate"] <= 1.0 and arm["ci95"][0] <= arm["success_rate"] <= arm["ci95"][1], name
+        _positive_finite(arm["ms_per_action_p50"], f"{name}.ms_per_action_p50")
+        if name != "base":
+            assert 0.0 <= arm["vs_base"]["p_better_one_sided"] <= 1.0, name
+    assert results["arms"]["vgps_k50"]["k"] == 50 and results["arms"]["random_k10"]["random_control"] is True
+    for name in ("base", "vgps_k10", "vgps_k50", "ddpm20"):
+        _positive_finite(results["latency"][name]["p50_ms"], f"latency.{name}")
+    for name in ("vgps_k10_over_base", "vgps_k50_over_base", "ddpm20_over_base"):
+        _positive_finite(results["latency_ratios"][name], name)
+    by_threads = results["latency_by_torch_threads"]
+    assert by_threads["1"]["latency_ratios"] == results["latency_ratios"] and len(by_threads) >= 1
+    for threads, measured in by_threads.items():
+        assert set(measured["latency"]) == set(results["latency"]), threads
+    assert set(results["targets"]) == {"vgps_k10_ge_base_plus_15pts", "vgps_k50_ge_base_plus_15pts",
+                                       "random_control_not_better_than_base", "vgps_k10_latency_le_1.5x_base",
+                                       "ddim_matches_ddpm_success", "ddim_ge_8x_faster_than_ddpm"}
+    assert all(isinstance(flag, bool) for flag in results["targets"].values())
+    assert "PASS" in completed.stdout or "FAIL" in completed.stdout
+    # The saved data, policy and critic evaluate again without retraining.
+    again = tmp_path / "again.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "vgps.py"), "--quick", "--skip-ddpm", "--ks", "10",
+         "--load-from", str(tmp_path / "work"), "--json", str(again)], cwd=REPO, capture_output=True, text=True,
+        timeout=120)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    reloaded = json.loads(again.read_text())
+    assert set(reloaded["arms"]) == {"base", "vgps_k10", "random_k10", "oracle_k10"} and reloaded["data"] == data

@@ -228,6 +228,23 @@ def test_sample_and_sample_chunks_shapes_bounds_and_determinism() -> None:
         policy.sample({"point": np.zeros((3, 3, 2), np.float32)}, 1)
 
 
+def test_the_denoiser_conditions_k_chunks_per_row_as_if_each_had_its_own_copy() -> None:
+    from policies.diffusion import ConditionalResidualMLP
+
+    torch.manual_seed(0)
+    denoiser = ConditionalResidualMLP(horizon=4, action_dim=2, condition_dim=6, hidden_dim=16, num_blocks=2,
+                                      timestep_dim=8, dropout=0.0)
+    for block in denoiser.blocks:  # FiLM starts as the identity; give it weights so the condition matters
+        torch.nn.init.normal_(block.film.weight)
+    condition, timesteps, noisy = torch.randn(3, 6), torch.tensor([5, 40, 90]), torch.randn(3 * 4, 4, 2)
+    grouped = denoiser(noisy, timesteps, condition)
+    copied = denoiser(noisy, timesteps.repeat_interleave(4), condition.repeat_interleave(4, dim=0))
+    torch.testing.assert_close(grouped, copied)
+    assert not torch.allclose(grouped[:4], denoiser(noisy[:4], timesteps[:1], condition[1:2]))
+    with pytest.raises(ValueError, match="expected K chunks per"):
+        denoiser(noisy[:5], timesteps, condition)
+
+
 def test_stochastic_samples_are_reproducible_from_a_generator() -> None:
     policy = _untrained()
     observations = {"point": np.zeros((2, 2), np.float32)}

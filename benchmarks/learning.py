@@ -45,7 +45,8 @@ from hardware_configs.schema import SessionConfig, load_config, save_config  # n
 TARGET_SUCCESS = 0.9
 # Seeds the episode seeds of the final evaluations: not the config's seed, which the training run used.
 HELD_OUT_SEED = 7_919
-CURVE_COLOURS_BGR = {"demos": (40, 120, 220), "no_demos": (60, 160, 60), "operator": (160, 60, 160)}
+CURVE_COLOURS_BGR = {"demos": (40, 120, 220), "no_demos": (60, 160, 60), "operator": (160, 60, 160),
+                     "wsrl": (40, 120, 220), "wsrl_no_warmup": (60, 160, 60), "rlpd": (160, 60, 160)}
 INTERVENTION_BIN_STEPS = 2_500
 
 
@@ -84,13 +85,15 @@ def with_own_ports(config: SessionConfig) -> SessionConfig:
         learner=dataclasses.replace(config.learner, address=learner_address))
 
 
-def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int, eval_episodes: int) -> dict[str, Any]:
-    """Train one variant (with the demos in ``work/demos`` when ``demos``), then evaluate it."""
+def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int, eval_episodes: int,
+                demos_dir: Path | None = None, train_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train one variant (with the demo buffer ``demos_dir``, default ``work/demos``, when ``demos``;
+    ``train_args`` go to ``steerl train`` as they are), then evaluate it."""
     run_dir = work / name
     log_path = work / f"{name}.log"
-    demo_args = ("--demos", str(work / "demos")) if demos else ()
+    demo_args = ("--demos", str(demos_dir or work / "demos")) if demos else ()
     train_s = steerl("train", "--config", str(config_file), "--steps", str(steps), "--run-dir", str(run_dir),
-                     *demo_args, log_path=log_path)
+                     *demo_args, *train_args, log_path=log_path)
     summary = json.loads((run_dir / "summary.json").read_text())
 
     def evaluate(checkpoint: Path, label: str) -> dict[str, Any]:

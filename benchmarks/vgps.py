@@ -496,10 +496,13 @@ def run(args: argparse.Namespace, config: SessionConfig) -> dict[str, Any]:
         spreads[f"k{k}"] = q_spread(arms[f"vgps_k{k}"], probes)
     results["q_spread"] = spreads
 
-    print(f"4. evaluating {len(arms)} arms x {args.eval_episodes} episodes (seeds {EVAL_SEED}...)", flush=True)
     arm_results: dict[str, Any] = {}
+    if args.latency_only:
+        print("4. no evaluation (--latency-only)", flush=True)
+    else:
+        print(f"4. evaluating {len(arms)} arms x {args.eval_episodes} episodes (seeds {EVAL_SEED}...)", flush=True)
     t0 = time.monotonic()
-    for name, arm_policy in arms.items():
+    for name, arm_policy in ({} if args.latency_only else arms).items():
         actor = StepActor(arm_policy, keys, policy.n_obs)
         arm_results[name] = evaluate(env, actor, args.eval_episodes, name)
         if isinstance(arm_policy, VGPSPolicy):
@@ -545,17 +548,20 @@ def run(args: argparse.Namespace, config: SessionConfig) -> dict[str, Any]:
     results["latency_by_torch_threads"] = {str(threads): value for threads, value in by_threads.items()}
 
     # targets
-    base_rate = arm_results["base"]["success_rate"]
     targets: dict[str, bool] = {}
-    for k in args.ks:
-        targets[f"vgps_k{k}_ge_base_plus_15pts"] = arm_results[f"vgps_k{k}"]["success_rate"] - base_rate >= 0.15 - 1e-9
-    control = arm_results[f"random_k{args.random_k}"]["vs_base"]
-    targets["random_control_not_better_than_base"] = bool(control["p_better_one_sided"] >= 0.05)
+    ddpm = f"ddpm{policy.config.train_timesteps}"
+    if arm_results:
+        base_rate = arm_results["base"]["success_rate"]
+        for k in args.ks:
+            targets[f"vgps_k{k}_ge_base_plus_15pts"] = (
+                arm_results[f"vgps_k{k}"]["success_rate"] - base_rate >= 0.15 - 1e-9)
+        control = arm_results[f"random_k{args.random_k}"]["vs_base"]
+        targets["random_control_not_better_than_base"] = bool(control["p_better_one_sided"] >= 0.05)
+        if not args.skip_ddpm:
+            targets["ddim_matches_ddpm_success"] = bool(arm_results[ddpm]["vs_base"]["p_two_sided"] >= 0.05)
     if 10 in args.ks:
         targets["vgps_k10_latency_le_1.5x_base"] = ratios["vgps_k10_over_base"] <= 1.5
     if not args.skip_ddpm:
-        ddpm = f"ddpm{policy.config.train_timesteps}"
-        targets["ddim_matches_ddpm_success"] = bool(arm_results[ddpm]["vs_base"]["p_two_sided"] >= 0.05)
         targets["ddim_ge_8x_faster_than_ddpm"] = ratios[f"{ddpm}_over_base"] >= 8.0
     results["targets"] = targets
     results["timings_s"] = {name: round(value, 1) for name, value in timings.items()}
@@ -632,6 +638,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--skip-ddpm", action="store_true", help="no DDPM arm")
     parser.add_argument("--latency-warmup", type=int, default=10)
     parser.add_argument("--latency-repeats", type=int, default=100)
+    parser.add_argument("--latency-only", action="store_true",
+                        help="with --load-from: measure the latency of the saved policy and critic, no episodes")
     parser.add_argument("--work-dir", type=Path, help="where the data, policy and critic go (default: a temp dir)")
     parser.add_argument("--load-from", type=Path, help="reuse the data, policy and critic of an earlier --work-dir")
     parser.add_argument("--json", type=Path)
@@ -654,6 +662,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.latency_warmup, args.latency_repeats = 1, 3
     if any(k < 1 for k in args.ks) or args.random_k < 1 or args.eval_episodes < 1:
         parser.error("K values, --random-k and --eval-episodes must be >= 1")
+    if args.latency_only and not args.load_from:
+        parser.error("--latency-only needs --load-from (the data, policy and critic to measure)")
     if not 0.0 <= args.noisy_share <= 1.0:
         parser.error("--noisy-share must lie in [0, 1]")
 

@@ -83,6 +83,29 @@ def test_learning_benchmark_quick(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_finetune_benchmark_quick(tmp_path: Path) -> None:
+    out, png, work = tmp_path / "finetune.json", tmp_path / "curves.png", tmp_path / "work"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "finetune.py"), "--quick", "--parallel", "--work-dir", str(work),
+         "--json", str(out), "--png", str(png)], cwd=REPO, capture_output=True, text=True, timeout=420)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    results = json.loads(out.read_text())
+    assert results["quick"] is True and set(results["variants"]) == {"wsrl", "wsrl_no_warmup", "rlpd"}
+    assert results["pretrained_eval"]["episodes"] == 3
+    for name, variant in results["variants"].items():
+        assert variant["env_steps"] >= results["steps"], name
+        assert variant["curve"] and variant["final_eval"]["episodes"] == 3, name
+        assert set(variant["collapse"]) == {"evaluations", "min_success", "dip_below_pretrained"}, name
+    # The warm-started variants started from the Cal-QL checkpoint (their Q log says so); RLPD from the data.
+    for name in ("wsrl", "wsrl_no_warmup"):
+        q_log = (work / name / "warm_start_q.json").read_text()
+        assert str(work / "calql") in q_log, name
+    assert results["variants"]["rlpd"]["demos"] == 1 and not (work / "rlpd" / "warm_start_q.json").exists()
+    assert set(results["targets"]) == {"wsrl_no_post_switch_collapse", "wsrl_final_ge_rlpd"}
+    assert all(isinstance(flag, bool) for flag in results["targets"].values())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_camera_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "cameras.json"
     completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cameras.py"), "--quick", "--json", str(out)],
@@ -164,3 +187,12 @@ def test_vgps_benchmark_quick(tmp_path: Path) -> None:
     assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
     reloaded = json.loads(again.read_text())
     assert set(reloaded["arms"]) == {"base", "vgps_k10", "random_k10", "oracle_k10"} and reloaded["data"] == data
+    # Latency alone, on the saved policy and critic: no episodes, only the latency targets.
+    latency_only = tmp_path / "latency.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "vgps.py"), "--quick", "--latency-only", "--load-from",
+         str(tmp_path / "work"), "--json", str(latency_only)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    measured = json.loads(latency_only.read_text())
+    assert measured["arms"] == {} and set(measured["latency"]) == {"base", "vgps_k10", "vgps_k50", "ddpm20"}
+    assert set(measured["targets"]) == {"vgps_k10_latency_le_1.5x_base", "ddim_ge_8x_faster_than_ddpm"}

@@ -1,0 +1,180 @@
+"""Offline-to-online benchmark: Cal-QL pre-training on mixed-quality data, then online fine-tuning
+with WSRL (warm start, no offline data retained), the same without warm-up, and RLPD from scratch
+with the offline data — each for the same number of online env steps, same seed.
+
+What runs is what an operator runs (separate robot-server, learner and actor processes over
+loopback ZeroMQ)::
+
+    steerl record-demos --config CONFIG -n EPISODES --keep-failures --noise NOISE --out WORK/data
+    steerl train-calql --data WORK/data --session CONFIG' --config WORK/calql.yaml --steps N --out WORK/calql
+                                                    (CONFIG': CONFIG with learner.sac.utd_ratio --calql-utd)
+    steerl eval --checkpoint WORK/calql ...                           (the pre-trained policy)
+    steerl train ... --warm-start WORK/calql --warmup-steps W         wsrl
+    steerl train ... --warm-start WORK/calql --warmup-steps 0         wsrl_no_warmup
+    steerl train ... --demos WORK/data                                rlpd (from scratch, 50 % offline rows)
+
+The offline data is the scripted expert with Gaussian action noise, failures kept: a mix of clean,
+clumsy and failed episodes. Every variant evaluates its deterministic policy every
+``--eval-every`` episodes (``--eval-episodes-periodic`` episodes; the curves) and at the end on
+``--eval-episodes`` held-out episodes.
+
+Targets (the issue's): WSRL shows no post-switch collapse — its lowest periodic evaluation in the
+first ``--collapse-window`` online steps is at most ``--collapse-tolerance`` below the pre-trained
+policy's held-out success — and its final success is at least RLPD's.
+
+    python benchmarks/finetune.py --steps 20000 --work-dir runs/finetune \\
+        --png benchmarks/results/finetune_pick_cube.png --json benchmarks/results/finetune_pick_cube.json
+    python benchmarks/finetune.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.learning import (  # noqa: E402
+    HELD_OUT_SEED,
+    draw_curves,
+    quick_config,
+    run_variant,
+    steerl,
+    with_own_ports,
+)
+from benchmarks.machine import machine_info, write_json  # noqa: E402
+from hardware_configs.schema import load_config, save_config  # noqa: E402
+
+VARIANTS = ("wsrl", "wsrl_no_warmup", "rlpd")
+
+
+def collapse(curve: list[dict[str, Any]], window_steps: int, reference: float) -> dict[str, Any]:
+    """The lowest periodic evaluation within the first ``window_steps`` env steps, and how far it
+    falls below ``reference`` (the pre-trained policy's success)."""
+    early = [point for point in curve if point["env_steps"] <= window_steps]
+    if not early:
+        return {"evaluations": 0, "min_success": None, "dip_below_pretrained": None}
+    lowest = min(point["success_rate"] for point in early)
+    return {"evaluations": len(early), "min_success": lowest, "dip_below_pretrained": round(reference - lowest, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="sim_panda_pick_cube")
+    parser.add_argument("--steps", type=int, default=20_000, help="online env steps per variant")
+    parser.add_argument("--data-episodes", type=int, default=100, help="offline episodes (failures kept)")
+    parser.add_argument("--data-noise", type=float, default=0.5, help="action-noise std of the offline expert")
+    parser.add_argument("--calql-steps", type=int, default=10_000, help="Cal-QL gradient steps")
+    parser.add_argument("--calql-utd", type=int, default=1,
+                        help="critic steps per Cal-QL step (the online learner keeps its own learner.sac.utd_ratio)")
+    parser.add_argument("--alpha-cql", type=float, default=5.0)
+    parser.add_argument("--cql-samples", type=int, default=4, help="actions per proposal in the regulariser")
+    parser.add_argument("--warmup-steps", type=int, default=2_000, help="WSRL's warm-up (env steps, no updates)")
+    parser.add_argument("--eval-every", type=int, default=20, help="episodes between periodic evaluations")
+    parser.add_argument("--eval-episodes-periodic", type=int, default=10)
+    parser.add_argument("--eval-episodes", type=int, default=50, help="held-out episodes of the final evaluations")
+    parser.add_argument("--collapse-window", type=int, default=5_000, help="online steps watched for a collapse")
+    parser.add_argument("--collapse-tolerance", type=float, default=0.2)
+    parser.add_argument("--parallel", action="store_true", help="train the variants side by side")
+    parser.add_argument("--work-dir", type=Path, help="where everything goes (default: a temporary directory)")
+    parser.add_argument("--png", type=Path)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a smoke run (a few hundred steps, tiny pre-training)")
+    args = parser.parse_args(argv)
+
+    machine = machine_info()
+    config = load_config(args.config)
+    steps, eval_episodes, calql_steps, warmup = args.steps, args.eval_episodes, args.calql_steps, args.warmup_steps
+    data_episodes, window = args.data_episodes, args.collapse_window
+    actor = dataclasses.replace(config.actor, eval_every_episodes=args.eval_every,
+                                eval_episodes=args.eval_episodes_periodic)
+    config = dataclasses.replace(config, actor=actor)
+    if args.quick:
+        config = quick_config(config)
+        steps, eval_episodes, calql_steps, warmup, data_episodes, window = 300, 3, 50, 100, 4, 300
+
+    with tempfile.TemporaryDirectory(prefix="steerl-finetune-") as scratch:
+        work = args.work_dir or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        session_file = save_config(config, work / "session.yaml")
+        # Only the networks must match the online learner's (the warm start checks them), not the UTD ratio.
+        calql_sac = dataclasses.replace(config.learner.sac, utd_ratio=args.calql_utd)
+        calql_session = save_config(dataclasses.replace(
+            config, learner=dataclasses.replace(config.learner, sac=calql_sac)), work / "calql_session.yaml")
+        log_path = work / "offline.log"
+        print(f"1. recording {data_episodes} offline episodes (noise {args.data_noise}, failures kept)", flush=True)
+        steerl("record-demos", "--config", str(session_file), "-n", str(data_episodes), "--keep-failures",
+               "--noise", str(args.data_noise), "--out", str(work / "data"), log_path=log_path)
+        calql_file = work / "calql.yaml"
+        calql_file.write_text(f"alpha_cql: {args.alpha_cql}\nnum_action_samples: {args.cql_samples}\n"
+                              f"log_every: {max(1, calql_steps // 10)}\n")
+        print(f"2. Cal-QL pre-training: {calql_steps} steps", flush=True)
+        calql_s = steerl("train-calql", "--data", str(work / "data"), "--session", str(calql_session), "--config",
+                         str(calql_file), "--steps", str(calql_steps), "--threads", "1", "--out", str(work / "calql"),
+                         log_path=log_path)
+        pretrained_path = work / "pretrained_eval.json"
+        steerl("eval", "--config", str(session_file), "--checkpoint", str(work / "calql"), "--episodes",
+               str(eval_episodes), "--seed", str(HELD_OUT_SEED), "--json", str(pretrained_path), log_path=log_path)
+        pretrained = json.loads(pretrained_path.read_text())
+        print(f"   pre-trained policy: {pretrained['success_rate']:.0%} over {eval_episodes} held-out episodes",
+              flush=True)
+
+        warm = ("--warm-start", str(work / "calql"))
+        plan = {"wsrl": (0, warm + ("--warmup-steps", str(warmup))),
+                "wsrl_no_warmup": (0, warm + ("--warmup-steps", "0")),
+                "rlpd": (1, ())}
+
+        def train(name: str) -> dict[str, Any]:
+            demos, train_args = plan[name]
+            config_file = save_config(with_own_ports(config), work / f"{name}.yaml")
+            print(f"[{name}] training for {steps} online env steps ...", flush=True)
+            result = run_variant(name, config_file, work, steps, demos, eval_episodes, demos_dir=work / "data",
+                                 train_args=train_args)
+            result["collapse"] = collapse(result["curve"], window, pretrained["success_rate"])
+            print(f"[{name}] final {result['final_eval']['success_rate']:.0%}; lowest periodic evaluation in the "
+                  f"first {window} steps {result['collapse']['min_success']}; curve "
+                  + ", ".join(f"{p['env_steps']}:{p['success_rate']:.0%}" for p in result["curve"]), flush=True)
+            return result
+
+        with ThreadPoolExecutor(max_workers=len(plan) if args.parallel else 1) as pool:
+            variants = dict(zip(plan, pool.map(train, plan)))
+        if args.png:
+            draw_curves(variants, steps, f"{config.name}: online fine-tuning after Cal-QL "
+                                         f"(pre-trained {pretrained['success_rate']:.0%})", args.png)
+            print(f"wrote {args.png}")
+
+    wsrl, rlpd = variants["wsrl"], variants["rlpd"]
+    dip = wsrl["collapse"]["dip_below_pretrained"]
+    results = {
+        "machine": machine,
+        "quick": args.quick,
+        "config": config.name,
+        "seed": config.seed,
+        "steps": steps,
+        "parallel": args.parallel,
+        "options": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+        "offline_data": {"episodes": data_episodes, "noise": args.data_noise},
+        "calql": {"steps": calql_steps, "utd_ratio": args.calql_utd, "alpha_cql": args.alpha_cql,
+                  "wall_s": round(calql_s, 1)},
+        "pretrained_eval": pretrained,
+        "variants": variants,
+        "targets": {
+            "wsrl_no_post_switch_collapse": bool(dip is not None and dip <= args.collapse_tolerance + 1e-9),
+            "wsrl_final_ge_rlpd": bool(wsrl["final_eval"]["success_rate"] >= rlpd["final_eval"]["success_rate"]),
+        },
+    }
+    for name, met in results["targets"].items():
+        print(f"{'PASS' if met else 'FAIL'}  {name}")
+    write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -109,7 +109,6 @@ def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int
         best = {**evaluate(run_dir / "best_policy", "best"), "selected_by": summary["best_eval"]}
     curve = summary["eval_history"]
     episodes = summary.get("episode_history", [])
-    reached = next((point["env_steps"] for point in curve if point["success_rate"] >= TARGET_SUCCESS), None)
     return {
         "demos": demos,
         "env_steps": summary["env_steps"],
@@ -118,9 +117,40 @@ def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int
         "curve": curve,
         "final_eval": final,
         "best_policy_eval": best,
-        "first_step_at_target": reached,
+        **steps_to_target(curve),
         "training_episodes": binned_episode_rates(episodes, INTERVENTION_BIN_STEPS),
         "run_dir": str(run_dir),
+    }
+
+
+def steps_to_target(curve: list[dict[str, Any]]) -> dict[str, int | None]:
+    """The env step of the first periodic evaluation at >= ``TARGET_SUCCESS``, and of the first one
+    that the next evaluation confirms (two in a row: 20 episodes instead of 10, less luck)."""
+    hits = [point["success_rate"] >= TARGET_SUCCESS for point in curve]
+    first = next((point["env_steps"] for point, hit in zip(curve, hits) if hit), None)
+    confirmed = next((curve[i]["env_steps"] for i in range(len(curve) - 1) if hits[i] and hits[i + 1]), None)
+    return {"first_step_at_target": first, "first_step_at_target_confirmed": confirmed}
+
+
+def operator_comparison(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The human-in-the-loop targets: the operator variant's steps to the target over the demos
+    variant's (at most 0.5), and its intervention rate falling (the last 2.5k-step bin's rate at
+    most half the first bin's)."""
+    demos, operator = variants["demos"], variants["operator"]
+    ratios = {}
+    for key in ("first_step_at_target", "first_step_at_target_confirmed"):
+        if demos[key] and operator[key]:
+            ratios[key] = operator[key] / demos[key]
+    bins = [b for b in operator["training_episodes"] if b["episodes"] >= 10]
+    rates = [b["intervention_rate"] for b in bins]
+    return {
+        "steps_ratio_operator_over_demos": ratios,
+        "intervention_rate_by_bin": rates,
+        "targets": {
+            "operator_halves_steps_to_target_first_eval": bool(ratios.get("first_step_at_target", 1.0) <= 0.5),
+            "operator_halves_steps_to_target_confirmed": bool(ratios.get("first_step_at_target_confirmed", 1.0) <= 0.5),
+            "operator_intervention_rate_falls": bool(len(rates) >= 2 and rates[-1] <= 0.5 * rates[0]),
+        },
     }
 
 
@@ -263,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
                 and variants["demos"]["best_policy_eval"]["success_rate"] >= TARGET_SUCCESS),
         },
     }
+    if "demos" in variants and "operator" in variants:
+        results["operator_comparison"] = comparison = operator_comparison(variants)
+        results["targets"].update(comparison["targets"])
+        for name, met in comparison["targets"].items():
+            print(f"{'PASS' if met else 'FAIL'}  {name}")
     write_json(args.json, results)
     return 0
 

@@ -106,6 +106,33 @@ def test_finetune_benchmark_quick(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_steps_to_target_and_the_operator_comparison() -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.learning import operator_comparison, steps_to_target
+
+    def curve(*rates: float) -> list[dict]:
+        return [{"env_steps": 1000 * (i + 1), "success_rate": rate} for i, rate in enumerate(rates)]
+
+    assert steps_to_target(curve(0.5, 1.0, 0.6, 0.9, 0.9)) == {"first_step_at_target": 2000,
+                                                              "first_step_at_target_confirmed": 4000}
+    assert steps_to_target(curve(0.2, 0.95)) == {"first_step_at_target": 2000, "first_step_at_target_confirmed": None}
+
+    def bins(*rates: float) -> list[dict]:
+        return [{"episodes": 20, "intervention_rate": rate} for rate in rates] + [{"episodes": 1, "intervention_rate": 1.0}]
+
+    demos = {**steps_to_target(curve(0.5, 1.0, 0.6, 0.9, 0.9)), "training_episodes": bins(0.0, 0.0)}
+    helped = {**steps_to_target(curve(0.9, 1.0)), "training_episodes": bins(0.3, 0.1, 0.12)}
+    result = operator_comparison({"demos": demos, "operator": helped})
+    assert result["steps_ratio_operator_over_demos"] == {"first_step_at_target": 0.5,
+                                                        "first_step_at_target_confirmed": 0.25}
+    assert result["intervention_rate_by_bin"] == [0.3, 0.1, 0.12]  # the 1-episode bin is too small to count
+    assert result["targets"] == {"operator_halves_steps_to_target_first_eval": True,
+                                 "operator_halves_steps_to_target_confirmed": True,
+                                 "operator_intervention_rate_falls": True}
+    stubborn = {**helped, "training_episodes": bins(0.3, 0.25)}
+    assert not operator_comparison({"demos": demos, "operator": stubborn})["targets"]["operator_intervention_rate_falls"]
+
+
 def test_camera_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "cameras.json"
     completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cameras.py"), "--quick", "--json", str(out)],

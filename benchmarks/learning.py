@@ -224,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                              "benchmark")
     parser.add_argument("--skip-demos-variant", action="store_true",
                         help="do not train the plain demos variant (e.g. to run the operator variant alone)")
-    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--eval-episodes", type=int, default=50, help="held-out episodes of the final evaluations")
+    parser.add_argument("--eval-every", type=int, metavar="EPISODES",
+                        help="training episodes between periodic evaluations (default: the config's "
+                             "actor.eval_every_episodes); smaller resolves the steps to the target more finely")
     parser.add_argument("--parallel", action="store_true",
                         help="train the variants side by side (wall times then include the contention)")
     parser.add_argument("--work-dir", type=Path, help="where runs go (default: a temporary directory)")
@@ -236,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()  # before the runs: its load average is the machine's before we loaded it
     config = load_config(args.config)
     steps, eval_episodes = args.steps, args.eval_episodes
+    if args.eval_every:
+        config = dataclasses.replace(config, actor=dataclasses.replace(config.actor, eval_every_episodes=args.eval_every))
     if args.quick:
         config, steps, eval_episodes = quick_config(config), 300, 3
     with tempfile.TemporaryDirectory(prefix="steerl-learning-") as scratch:

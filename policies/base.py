@@ -22,8 +22,9 @@ consumes policies (the actor, the policy server, V-GPS re-ranking, PA-RL) goes t
     registry that :func:`register_policy` fills.
 
 Helpers shared by the kinds: :func:`observations_to_tensors` (numpy or tensor fields -> tensors on
-a device) and :func:`save_module_weights` / :func:`load_module_weights` (an ``nn.Module``'s state
-as ``model.safetensors``, loaded strictly with errors that name the file).
+a device), :func:`save_module_weights` / :func:`load_module_weights` (an ``nn.Module``'s state
+as ``model.safetensors``, loaded strictly with errors that name the file) and
+:class:`SeededGenerators` (reproducible random draws on whatever device a policy moves to).
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ WEIGHTS_FILE = "model.safetensors"
 
 _REGISTRY: dict[str, type["Policy"]] = {}
 P = TypeVar("P", bound=type["Policy"])
+
+
+class SeededGenerators:
+    """One ``torch.Generator`` per device, seeded with ``seed`` when first asked for: a policy's random
+    draws repeat from its seed on whichever device it runs, and never touch torch's global stream.
+
+    ``generators(device) -> torch.Generator``.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, device: torch.device | str) -> torch.Generator:
+        device = torch.device(device)
+        if device not in self._by_device:
+            self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._by_device[device]
 
 
 class Policy(abc.ABC):

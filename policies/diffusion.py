@@ -97,6 +97,7 @@ from policies.base import (
     POLICY_FILE,
     Policy,
     PolicyInput,
+    SeededGenerators,
     load_module_weights,
     observations_to_tensors,
     read_policy_file,
@@ -549,7 +550,7 @@ class DiffusionPolicy(Policy):
         self.observation_keys: tuple[str, ...] = self.network.encoder.keys
         self.noise_scheduler = make_noise_scheduler(config)
         self._samplers = {"ddpm": make_noise_scheduler(config), "ddim": make_ddim_scheduler(self.noise_scheduler)}
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator = SeededGenerators(seed)
         self.info: dict[str, Any] = {}
 
     @property
@@ -660,11 +661,6 @@ class DiffusionPolicy(Policy):
                                  f"or [B, *{event_shape}], got {tuple(value.shape)}")
             history[key] = value
         return history
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
 
     # -- training -----------------------------------------------------------------------------------
 

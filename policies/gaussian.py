@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from hardware_configs.schema import SACConfig
 from policies.encoders import ObservationEncoder, observation_to_torch
+from policies.base import SeededGenerators
 
 LOG_STD_MIN = -5.0
 LOG_STD_MAX = 2.0
@@ -157,17 +158,11 @@ class TanhGaussianPolicy(nn.Module):
                 raise ValueError(f"the gripper critic reads the gripper state from {GRIPPER_WIDTH_KEY!r}")
             self.gripper_closed_below = float(np.max(observation_space[GRIPPER_WIDTH_KEY].high)) / 2.0
             self.gripper_head = GripperQHead(self.encoder.output_dim, tuple(config.hidden_dims), config.layer_norm)
-        self._seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator = SeededGenerators(seed)
 
     @property
     def device(self) -> torch.device:
         return next(self.head.parameters()).device
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
-        return self._generators[device]
 
     def forward(
         self,

@@ -31,6 +31,7 @@ from policies.base import (
     POLICY_FILE,
     Policy,
     PolicyInput,
+    SeededGenerators,
     load_module_weights,
     observations_to_tensors,
     read_policy_file,
@@ -78,7 +79,7 @@ class SACPolicy(Policy):
         self._input_keys = self.observation_keys
         if self.module.gripper_head is not None and GRIPPER_WIDTH_KEY not in self._input_keys:
             self._input_keys += (GRIPPER_WIDTH_KEY,)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator = SeededGenerators(seed)
 
     # -- the Policy interface ---------------------------------------------------------------------
 
@@ -113,11 +114,6 @@ class SACPolicy(Policy):
                 gripper = self.module.gripper_commands(features, tensors[GRIPPER_WIDTH_KEY]).to(actions.dtype)
                 actions = torch.cat([actions, gripper[:, None]], dim=-1)
             return actions[:, None, :].expand(-1, num_samples, -1)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
 
     # -- files --------------------------------------------------------------------------------------
 

@@ -80,6 +80,7 @@ from policies.base import (
     WEIGHTS_FILE,
     Policy,
     PolicyInput,
+    SeededGenerators,
     load_policy,
     observations_to_tensors,
     read_policy_file,
@@ -381,7 +382,7 @@ class VGPSPolicy(Policy):
         self.critic = critic
         self.config = config
         self.action_dim = base.action_dim
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator = SeededGenerators(config.seed)
 
     # -- the Policy interface ---------------------------------------------------------------------
 
@@ -454,11 +455,6 @@ class VGPSPolicy(Policy):
         probabilities = torch.softmax(scores / beta, dim=1)
         return torch.multinomial(probabilities, num_samples, replacement=True,
                                  generator=self._generator(scores.device))
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
-        return self._generators[device]
 
     # -- files --------------------------------------------------------------------------------------
 

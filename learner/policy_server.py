@@ -55,12 +55,11 @@ from transport.codec import (
     decode_tensor,
     encode_tensor,
     error_envelope,
-    parse_envelope,
     spaces_from_pb,
     spaces_to_pb,
 )
 from transport.spaces import RobotSpaces
-from transport.zmq_link import bind_server
+from transport.zmq_link import answer_request, bind_server
 
 log = logging.getLogger("steerl.policy_server")
 
@@ -284,36 +283,18 @@ class PolicyServer:
         return [chunk for chunks in groups.values() for chunk in chunks]
 
     def _receive(self, pending: dict[bytes, _Request]) -> None:
-        frames = self._socket.recv_multipart(copy=False)
-        identity = frames[0].bytes
-        request_id = 0
-        try:
-            if len(frames) != 2:
-                raise ProtocolError(pb.ERROR_MALFORMED, f"expected one frame per message, got {len(frames) - 1}")
-            envelope = parse_envelope(frames[1].buffer, self.config.max_message_bytes)
-            request_id = envelope.request_id
-            reply = self._dispatch(identity, envelope, pending)
-        except ProtocolError as error:
-            log.warning("refused request %d from %s: %s", request_id, self._describe(identity), error)
-            reply = error_envelope(request_id, error)
-        except Exception as error:  # a bug must not take the server down
-            log.exception("internal error serving %s", self._describe(identity))
-            reply = error_envelope(request_id, ProtocolError(pb.ERROR_INTERNAL,
-                                                             f"internal error: {type(error).__name__}: {error}"))
+        identity, reply = answer_request(
+            self._socket, self.config.max_message_bytes,
+            lambda client, envelope: self._dispatch(client, envelope, pending), server="policy server",
+            accepts=REQUEST_TYPES, describe=self._describe, logger=log)
         if reply is not None:
             self._reply(identity, reply)
 
     def _dispatch(self, identity: bytes, envelope: pb.Envelope,
                   pending: dict[bytes, _Request]) -> pb.Envelope | None:
-        """The reply to send now, or None when the request joined the pending batch."""
+        """The reply to send now, or None when the request joined the pending batch
+        (:func:`answer_request` checked the request's version and type)."""
         kind = envelope.WhichOneof("body")
-        if envelope.protocol_version != PROTOCOL_VERSION:
-            raise ProtocolError(pb.ERROR_PROTOCOL_VERSION,
-                                f"client speaks protocol version {envelope.protocol_version}, this policy server "
-                                f"speaks {PROTOCOL_VERSION}; upgrade the older side")
-        if kind not in REQUEST_TYPES:
-            raise ProtocolError(pb.ERROR_UNEXPECTED_MESSAGE,
-                                f"unexpected message type {kind!r}: a policy server accepts {', '.join(REQUEST_TYPES)}")
         reply = pb.Envelope(request_id=envelope.request_id)
         if kind == "policy_handshake":
             reply.policy_handshake_reply.CopyFrom(self._handshake(identity, envelope.policy_handshake))

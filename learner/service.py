@@ -39,17 +39,15 @@ import zmq
 from learner.transition_log import TransitionLog
 from transport import steerl_pb2 as pb
 from transport.codec import (
-    PROTOCOL_VERSION,
     ProtocolError,
     decode_transition,
-    error_envelope,
-    parse_envelope,
     spaces_from_pb,
 )
 from transport.spaces import RobotSpaces
-from transport.zmq_link import bind_server
+from transport.zmq_link import answer_request, bind_server
 
 log = logging.getLogger("steerl.learner")
+REQUEST_TYPES = ("actor_hello", "transitions", "weights_request")
 
 Sequence = tuple[int, int]  # (episode, step)
 
@@ -229,22 +227,10 @@ class LearnerService:
         served = 0
         replies: list[tuple[bytes, pb.Envelope]] = []
         while served < max_messages and self._socket.poll(timeout_ms if served == 0 else 0, zmq.POLLIN):
-            frames = self._socket.recv_multipart(copy=False)
-            identity = frames[0].bytes
-            request_id = 0
-            try:
-                if len(frames) != 2:
-                    raise ProtocolError(pb.ERROR_MALFORMED, f"expected one frame per message, got {len(frames) - 1}")
-                envelope = parse_envelope(frames[1].buffer, self._max_bytes)
-                request_id = envelope.request_id
-                reply = self._dispatch(envelope)
-            except ProtocolError as error:
-                log.warning("refused request from actor %s: %s", identity.hex()[:10], error)
-                reply = error_envelope(request_id, error)
-            except Exception as error:  # never let one bad request take the learner down
-                log.exception("internal error serving an actor")
-                reply = error_envelope(request_id, ProtocolError(pb.ERROR_INTERNAL, f"{type(error).__name__}: {error}"))
-            reply.protocol_version = PROTOCOL_VERSION
+            identity, reply = answer_request(
+                self._socket, self._max_bytes, lambda _identity, envelope: self._dispatch(envelope), server="learner",
+                accepts=REQUEST_TYPES, describe=lambda peer: f"actor {peer.hex()[:10]}", logger=log)
+            assert reply is not None  # the learner answers every request at once
             replies.append((identity, reply))
             served += 1
         if replies and self.transition_log is not None:
@@ -257,9 +243,7 @@ class LearnerService:
         return served
 
     def _dispatch(self, envelope: pb.Envelope) -> pb.Envelope:
-        if envelope.protocol_version != PROTOCOL_VERSION:
-            raise ProtocolError(pb.ERROR_PROTOCOL_VERSION,
-                                f"actor speaks protocol version {envelope.protocol_version}, learner {PROTOCOL_VERSION}")
+        """The reply to a checked request (:func:`answer_request` checked its version and type)."""
         kind = envelope.WhichOneof("body")
         reply = pb.Envelope(request_id=envelope.request_id)
         if kind == "actor_hello":
@@ -268,15 +252,11 @@ class LearnerService:
             if envelope.transitions.actor_id not in self.actors:
                 raise ProtocolError(pb.ERROR_UNEXPECTED_MESSAGE, "transitions: send an actor_hello first")
             reply.transition_ack.CopyFrom(self.ingest(envelope.transitions))
-        elif kind == "weights_request":
+        else:  # weights_request
             reply.weights.version = self.weights_version
             reply.weights.learner_updates = self.learner_updates
             if envelope.weights_request.have_version < self.weights_version:
                 reply.weights.safetensors = self._weights
-        else:
-            raise ProtocolError(pb.ERROR_UNEXPECTED_MESSAGE,
-                                f"unexpected message type {kind!r}: a learner accepts actor_hello, transitions, "
-                                "weights_request")
         return reply
 
     def _hello(self, hello: pb.ActorHello) -> pb.LearnerHello:

@@ -40,12 +40,10 @@ from transport.codec import (
     ProtocolError,
     decode_tensor,
     encode_observation,
-    error_envelope,
     info_to_pb,
-    parse_envelope,
     spaces_to_pb,
 )
-from transport.zmq_link import bind_server
+from transport.zmq_link import answer_request, bind_server
 
 log = logging.getLogger("steerl.robot_server")
 
@@ -133,33 +131,19 @@ class RobotServer:
 
     # -- request handling ---------------------------------------------------------------------
     def _serve_one(self) -> None:
-        frames = self._socket.recv_multipart(copy=False)
-        identity = frames[0].bytes
-        if len(frames) != 2:
-            log.warning("dropping request of %d frames from %s (expected 1 payload frame)",
-                        len(frames) - 1, identity.hex())
-            self._reply(identity, error_envelope(0, ProtocolError(
-                pb.ERROR_MALFORMED, f"expected one frame per message, got {len(frames) - 1}")))
-            return
-        frame = frames[1].buffer
-        request_id = 0
-        try:
-            envelope = parse_envelope(frame, self.config.server.max_message_bytes)
-            request_id = envelope.request_id
-            reply = self._dispatch(identity, envelope)
-        except ProtocolError as error:
-            log.warning("refused request %d from %s: %s", request_id, self._describe(identity), error)
-            reply = error_envelope(request_id, error)
-        except ArmFault as error:  # the arm refused a command; the backend has already held it
-            log.error("arm fault serving %s: %s", self._describe(identity), error)
-            self.cell.hold()
-            reply = error_envelope(request_id, ProtocolError(pb.ERROR_INTERNAL, f"arm fault: {error}"))
-        except Exception as error:  # a bug or backend failure must not take the server down
-            log.exception("internal error serving %s", self._describe(identity))
-            self.cell.hold()
-            reply = error_envelope(request_id, ProtocolError(
-                pb.ERROR_INTERNAL, f"internal error: {type(error).__name__}: {error}; the arm is held"))
+        identity, reply = answer_request(
+            self._socket, self.config.server.max_message_bytes, self._dispatch, server="robot server",
+            accepts=REQUEST_TYPES, describe=self._describe, logger=log, internal_error=self._internal_error)
         self._reply(identity, reply)
+
+    def _internal_error(self, error: Exception, client: str) -> ProtocolError:
+        """Hold the arm after anything but a refused request, and say so."""
+        self.cell.hold()
+        if isinstance(error, ArmFault):  # the arm refused a command; the backend has already held it
+            log.error("arm fault serving %s: %s", client, error)
+            return ProtocolError(pb.ERROR_INTERNAL, f"arm fault: {error}")
+        log.exception("internal error serving %s", client)
+        return ProtocolError(pb.ERROR_INTERNAL, f"internal error: {type(error).__name__}: {error}; the arm is held")
 
     def _reply(self, identity: bytes, envelope: pb.Envelope) -> None:
         if envelope.WhichOneof("body") == "error":
@@ -175,15 +159,8 @@ class RobotServer:
         return f"{client.name!r}" if client else f"unknown client {identity.hex()[:10]}"
 
     def _dispatch(self, identity: bytes, envelope: pb.Envelope) -> pb.Envelope:
+        """The reply to a checked request (:func:`answer_request` checked its version and type)."""
         kind = envelope.WhichOneof("body")
-        if envelope.protocol_version != PROTOCOL_VERSION:
-            raise ProtocolError(pb.ERROR_PROTOCOL_VERSION,
-                                f"client speaks protocol version {envelope.protocol_version}, this server "
-                                f"speaks {PROTOCOL_VERSION}; upgrade the older side")
-        if kind not in REQUEST_TYPES:
-            raise ProtocolError(pb.ERROR_UNEXPECTED_MESSAGE,
-                                f"unexpected message type {kind!r}: a robot server accepts "
-                                f"{', '.join(REQUEST_TYPES)}")
         reply = pb.Envelope(request_id=envelope.request_id)
         if kind == "handshake":
             reply.handshake_reply.CopyFrom(self._handshake(identity, envelope.handshake))

@@ -118,3 +118,60 @@ def test_generated_module_matches_the_schema(tmp_path: Path) -> None:
     )
     regenerated = (tmp_path / "steerl_pb2.py").read_text()
     assert regenerated == (REPO / "transport" / "steerl_pb2.py").read_text(), "run `make proto`"
+
+
+def test_answer_request_checks_every_request_and_never_raises() -> None:
+    import zmq
+
+    from transport.codec import PROTOCOL_VERSION
+    from transport.zmq_link import answer_request, bind_server
+
+    context = zmq.Context()
+    server, _ = bind_server(context, "tcp://127.0.0.1:0", 1 << 16)
+    client = context.socket(zmq.DEALER)
+    client.connect(server.getsockopt_string(zmq.LAST_ENDPOINT))
+    handled: list[str] = []
+
+    def handle(identity: bytes, envelope: pb.Envelope) -> pb.Envelope | None:
+        handled.append(envelope.WhichOneof("body"))
+        if envelope.request_id == 4:
+            raise RuntimeError("camera unplugged")
+        if envelope.request_id == 5:
+            return None  # answered later
+        reply = pb.Envelope(request_id=envelope.request_id)
+        reply.goodbye_reply.SetInParent()
+        return reply
+
+    def envelope(request_id: int, version: int = PROTOCOL_VERSION, body: str = "goodbye") -> bytes:
+        message = pb.Envelope(protocol_version=version, request_id=request_id)
+        getattr(message, body).SetInParent()
+        return message.SerializeToString()
+
+    def ask(*frames: bytes, **options) -> pb.Envelope | None:
+        client.send_multipart(list(frames))
+        assert server.poll(5000)
+        _, reply = answer_request(server, 1 << 16, handle, server="test server", accepts=("goodbye",), **options)
+        return reply
+
+    try:
+        reply = ask(envelope(1))
+        assert reply.WhichOneof("body") == "goodbye_reply" and reply.protocol_version == PROTOCOL_VERSION
+        assert ask(envelope(2), b"extra").error.code == pb.ERROR_MALFORMED
+        assert ask(b"\xff\x00 not protobuf").error.code == pb.ERROR_MALFORMED
+        wrong_version = ask(envelope(3, version=PROTOCOL_VERSION + 1))
+        assert wrong_version.error.code == pb.ERROR_PROTOCOL_VERSION and wrong_version.request_id == 3
+        assert "this test server speaks" in wrong_version.error.message
+        wrong_type = ask(envelope(3, body="hold"))
+        assert wrong_type.error.code == pb.ERROR_UNEXPECTED_MESSAGE and "a test server accepts goodbye" in wrong_type.error.message
+        failed = ask(envelope(4))
+        assert failed.error.code == pb.ERROR_INTERNAL and "camera unplugged" in failed.error.message
+        seen: list[str] = []
+        custom = ask(envelope(4), internal_error=lambda error, client: seen.append(client) or ProtocolError(
+            pb.ERROR_INTERNAL, f"held: {error}"))
+        assert custom.error.message == "held: camera unplugged" and seen and seen[0].startswith("client ")
+        assert ask(envelope(5)) is None
+        assert handled == ["goodbye", "goodbye", "goodbye", "goodbye"]  # only well-formed, accepted requests
+    finally:
+        client.close(0)
+        server.close(0)
+        context.term()

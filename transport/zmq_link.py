@@ -1,7 +1,9 @@
 """ZeroMQ helpers: server and client sockets with size limits, timeouts and optional CURVE keys.
 
 Servers bind a ROUTER socket and answer each request on the identity it came from, so that a
-client that vanishes mid-request costs nothing but a dropped reply. Clients use a DEALER socket
+client that vanishes mid-request costs nothing but a dropped reply; :func:`answer_request` is the
+one place where a server reads, checks and answers a request (the robot server, the learner and
+the policy server all go through it). Clients use a DEALER socket
 (:class:`RpcClient`) that matches replies to requests by ``request_id`` and discards stale ones,
 so a timed-out request never gets confused with the next one (``stale_replies`` counts those
 dropped). A client made with ``immediate=True`` queues requests only on a live connection: with the
@@ -22,6 +24,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import zmq
 import zmq.auth
@@ -29,7 +32,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from hardware_configs.schema import CurveClientKeys, CurveServerKeys
 from transport import steerl_pb2 as pb
-from transport.codec import PROTOCOL_VERSION, ProtocolError, parse_envelope
+from transport.codec import PROTOCOL_VERSION, ProtocolError, error_envelope, parse_envelope
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,61 @@ def bind_server(context: zmq.Context, address: str, max_message_bytes: int,
             if authenticator is not None:
                 authenticator.stop()
             raise OSError(f"cannot bind {address}: {error}") from None
+
+
+def answer_request(
+    socket: zmq.Socket,
+    max_message_bytes: int,
+    handle: Callable[[bytes, pb.Envelope], Optional[pb.Envelope]],
+    *,
+    server: str,
+    accepts: Sequence[str],
+    describe: Callable[[bytes], str] = lambda identity: f"client {identity.hex()[:10]}",
+    logger: logging.Logger = log,
+    internal_error: Optional[Callable[[Exception, str], ProtocolError]] = None,
+) -> tuple[bytes, Optional[pb.Envelope]]:
+    """Read one request from the ROUTER ``socket`` and work out its answer; never raises for what a
+    client sent nor for a failing ``handle``.
+
+    The request must be one ``[identity, payload]`` message whose payload parses as an envelope of at
+    most ``max_message_bytes``, speaks this :data:`PROTOCOL_VERSION` and carries one of the
+    ``accepts`` bodies; then ``handle(identity, envelope)`` makes the reply (None: the request is
+    answered later). A :class:`ProtocolError` raised on the way becomes an Error reply and a warning
+    naming the client (``describe``); any other exception is a bug or a device failure: logged with
+    its traceback and answered ``ERROR_INTERNAL``, or with what ``internal_error(error, client)``
+    returns (which may act first, e.g. hold the arm). Returns the client's identity and the reply,
+    its ``protocol_version`` set. ``server`` names this side in the messages.
+    """
+    frames = socket.recv_multipart(copy=False)
+    identity = frames[0].bytes
+    request_id = 0
+    try:
+        if len(frames) != 2:
+            raise ProtocolError(pb.ERROR_MALFORMED, f"expected one frame per message, got {len(frames) - 1}")
+        envelope = parse_envelope(frames[1].buffer, max_message_bytes)
+        request_id = envelope.request_id
+        if envelope.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolError(pb.ERROR_PROTOCOL_VERSION,
+                                f"client speaks protocol version {envelope.protocol_version}, this {server} speaks "
+                                f"{PROTOCOL_VERSION}; upgrade the older side")
+        kind = envelope.WhichOneof("body")
+        if kind not in accepts:
+            raise ProtocolError(pb.ERROR_UNEXPECTED_MESSAGE,
+                                f"unexpected message type {kind!r}: a {server} accepts {', '.join(accepts)}")
+        reply = handle(identity, envelope)
+    except ProtocolError as error:
+        logger.warning("refused request %d from %s: %s", request_id, describe(identity), error)
+        reply = error_envelope(request_id, error)
+    except Exception as error:  # a bug or a device failure must not take the server down
+        if internal_error is not None:
+            failure = internal_error(error, describe(identity))
+        else:
+            logger.exception("internal error serving %s", describe(identity))
+            failure = ProtocolError(pb.ERROR_INTERNAL, f"internal error: {type(error).__name__}: {error}")
+        reply = error_envelope(request_id, failure)
+    if reply is not None:
+        reply.protocol_version = PROTOCOL_VERSION
+    return identity, reply
 
 
 class RpcClient:

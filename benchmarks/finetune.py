@@ -49,7 +49,7 @@ from benchmarks.learning import (  # noqa: E402
     steerl,
     with_own_ports,
 )
-from benchmarks.machine import machine_info, write_json  # noqa: E402
+from benchmarks.machine import machine_info, print_targets, write_json  # noqa: E402
 from hardware_configs.schema import load_config, save_config  # noqa: E402
 
 VARIANTS = ("wsrl", "wsrl_no_warmup", "rlpd")
@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "wsrl_final_ge_rlpd": bool(wsrl["final_eval"]["success_rate"] >= rlpd["final_eval"]["success_rate"]),
         },
     }
-    for name, met in results["targets"].items():
-        print(f"{'PASS' if met else 'FAIL'}  {name}")
+    print_targets(results["targets"])
     write_json(args.json, results)
     return 0
 

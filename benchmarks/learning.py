@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import machine_info, write_json  # noqa: E402
+from benchmarks.machine import machine_info, print_targets, write_json  # noqa: E402
 from hardware_configs.schema import SessionConfig, load_config, save_config  # noqa: E402
 
 TARGET_SUCCESS = 0.9
@@ -301,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if "demos" in variants and "operator" in variants:
         results["operator_comparison"] = comparison = operator_comparison(variants)
         results["targets"].update(comparison["targets"])
-        for name, met in comparison["targets"].items():
-            print(f"{'PASS' if met else 'FAIL'}  {name}")
+        print_targets(comparison["targets"])
     write_json(args.json, results)
     return 0
 

@@ -50,3 +50,9 @@ def write_json(path: Path | None, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+def print_targets(targets: dict[str, bool]) -> None:
+    """One ``PASS``/``FAIL`` line per target."""
+    for name, met in targets.items():
+        print(f"{'PASS' if met else 'FAIL'}  {name}")

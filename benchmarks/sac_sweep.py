@@ -55,6 +55,15 @@ def with_override(config: Any, dotted: str, value: Any) -> Any:
     return dataclasses.replace(config, **{head: value})
 
 
+def inproc_config(name: str, overrides: list[str]) -> SessionConfig:
+    """The bundled or YAML config ``name`` on the in-process cell, with ``dotted.path=JSON`` overrides."""
+    config = with_override(load_config(name), "env.connection", "inproc")
+    for override in overrides:
+        path, _, value = override.partition("=")
+        config = with_override(config, path, json.loads(value))
+    return config
+
+
 def record_demos(env, config: SessionConfig, episodes: int, noise: float, keys: tuple[str, ...],
                  buffer: ReplayBuffer) -> None:
     expert = ScriptedExpert(config.robot, noise_std=noise, seed=config.seed)
@@ -158,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few hundred steps")
     args = parser.parse_args(argv)
 
-    config = with_override(load_config(args.config), "env.connection", "inproc")
-    for override in args.overrides:
-        path, _, value = override.partition("=")
-        config = with_override(config, path, json.loads(value))
+    config = inproc_config(args.config, args.overrides)
     steps, eval_every, eval_episodes, demos = args.steps, args.eval_every, args.eval_episodes, args.demos
     if args.quick:
         config = with_override(config, "learner.learning_starts", 100)

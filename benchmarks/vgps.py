@@ -70,9 +70,9 @@ sys.path.insert(0, str(REPO))
 
 from actor.env import make_env  # noqa: E402
 from actor.rollout import Episode, play_episode, record_episodes  # noqa: E402
-from benchmarks.machine import machine_info, write_json  # noqa: E402
-from benchmarks.sac_sweep import with_override  # noqa: E402
-from hardware_configs.schema import GripperCriticConfig, SessionConfig, load_config  # noqa: E402
+from benchmarks.machine import machine_info, print_targets, write_json  # noqa: E402
+from benchmarks.sac_sweep import inproc_config, with_override  # noqa: E402
+from hardware_configs.schema import GripperCriticConfig, SessionConfig  # noqa: E402
 from learner.calql import CalQLConfig, save_offline_checkpoint, train_offline  # noqa: E402
 from learner.replay import ReplayBuffer  # noqa: E402
 from policies.base import Policy, PolicyInput, load_policy  # noqa: E402
@@ -587,8 +587,7 @@ def print_table(results: dict[str, Any]) -> None:
     print()
     for name, ratio in results["latency_ratios"].items():
         print(f"latency {name}: {ratio:.2f}x")
-    for name, met in results["targets"].items():
-        print(f"{'PASS' if met else 'FAIL'}  {name}")
+    print_targets(results["targets"])
 
 
 def int_list(text: str) -> list[int]:
@@ -647,10 +646,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.config.path=JSON value")
     args = parser.parse_args(argv)
 
-    config = with_override(load_config(args.config), "env.connection", "inproc")
-    for override in args.overrides:
-        path, _, value = override.partition("=")
-        config = with_override(config, path, json.loads(value))
+    config = inproc_config(args.config, args.overrides)
     if args.max_episode_steps:
         config = with_override(config, "robot.task.max_episode_steps", args.max_episode_steps)
     if args.quick:

@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-demos-variant", action="store_true",
                         help="do not train the plain demos variant (e.g. to run the operator variant alone)")
     parser.add_argument("--eval-episodes", type=int, default=50, help="held-out episodes of the final evaluations")
+    parser.add_argument("--seed", type=int, help="the session seed (default: the config's); one per run of a "
+                                                  "multi-seed comparison")
     parser.add_argument("--eval-every", type=int, metavar="EPISODES",
                         help="training episodes between periodic evaluations (default: the config's "
                              "actor.eval_every_episodes); smaller resolves the steps to the target more finely")
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()  # before the runs: its load average is the machine's before we loaded it
     config = load_config(args.config)
     steps, eval_episodes = args.steps, args.eval_episodes
+    if args.seed is not None:
+        config = dataclasses.replace(config, seed=args.seed)
     if args.eval_every:
         config = dataclasses.replace(config, actor=dataclasses.replace(config.actor, eval_every_episodes=args.eval_every))
     if args.quick:

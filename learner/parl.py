@@ -82,6 +82,7 @@ from policies.base import (
     POLICY_FILE,
     Policy,
     PolicyInput,
+    SeededGenerators,
     load_policy,
     observations_to_tensors,
     read_policy_file,
@@ -559,15 +560,12 @@ class Distiller:
             raise ValueError(f"{type(policy).__name__}: the distilled module has no trainable parameter")
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.distill_lr, weight_decay=0.0)
         self.rng = np.random.default_rng(config.seed)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators = SeededGenerators(config.seed)
         #: Distillation steps taken.
         self.steps = 0
 
     def _generator(self) -> torch.Generator:
-        device = self.policy.device
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
-        return self._generators[device]
+        return self._generators(self.policy.device)
 
     def step(self, observations: PolicyInput, actions: torch.Tensor) -> torch.Tensor:
         """One optimiser step on the whole given batch; returns the (detached) loss before it."""
@@ -705,7 +703,7 @@ class PARLActingPolicy(Policy):
                              f"{self._steering.action_dim}")
         self.action_dim = base.action_dim
         self.last_info: dict[str, float] = {}
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator = SeededGenerators(config.seed)
 
     @property
     def device(self) -> torch.device:
@@ -729,11 +727,6 @@ class PARLActingPolicy(Policy):
                                       generator=generator)
             chosen = actions.gather(1, draws[..., None].expand(-1, -1, actions.shape[2]))
         return chosen.to(self.device)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.config.seed)
-        return self._generators[device]
 
     def save(self, directory: str | Path) -> None:
         save_critic = getattr(self.critic, "save", None)

@@ -62,11 +62,11 @@ def test_learning_benchmark_quick(tmp_path: Path) -> None:
     out, png = tmp_path / "learning.json", tmp_path / "curve.png"
     completed = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "learning.py"), "--quick", "--demos", "2", "--compare-without-demos",
-         "--compare-with-operator", "--skip-demos-variant", "--parallel", "--json", str(out), "--png", str(png)],
+         "--compare-with-operator", "--skip-demos-variant", "--parallel", "--seed", "3", "--json", str(out), "--png", str(png)],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
     results = json.loads(out.read_text())
-    assert results["quick"] is True and set(results["variants"]) == {"operator", "no_demos"}
+    assert results["quick"] is True and set(results["variants"]) == {"operator", "no_demos"} and results["seed"] == 3
     for name, variant in results["variants"].items():
         assert variant["env_steps"] >= results["steps"], name
         assert variant["curve"] and all(0.0 <= p["success_rate"] <= 1.0 for p in variant["curve"]), name

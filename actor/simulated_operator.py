@@ -4,13 +4,12 @@
 :meth:`~SimulatedOperator.observe` (the :class:`~actor.intervention.InterventionWrapper` calls it
 with the observation the policy acted on and the policy's action). Each step it
 
-1. asks the :class:`~policies.scripted.ScriptedExpert` what it would do;
-2. while watching: judges whether the task is moving forward — the expert's
+1. judges whether the task is moving forward: the :class:`~policies.scripted.ScriptedExpert`'s
    :meth:`~policies.scripted.ScriptedExpert.progress` (the hand closing in on the cube, the cube
    rising) gaining at least ``min_progress_m`` on the best seen since the last gain. A policy that
    solves the task its own way is left alone however different its actions are from the expert's;
-   after ``patience_steps`` steps without progress (stuck, dithering or drifting away) it decides
-   to step in;
+2. while watching: after ``patience_steps`` steps without progress (stuck, dithering or drifting
+   away) it decides to step in;
 3. takes over ``reaction_delay_steps`` later and steers for ``hold_steps`` with the expert's action
    plus Gaussian noise (``noise_std``) on the motion, then hands back and watches again;
 4. never exceeds its budget: an intervened step must keep the intervened share at most
@@ -78,7 +77,7 @@ class SimulatedOperator(TeleopDevice):
     def made_progress(self, observation: dict[str, np.ndarray]) -> bool:
         """Whether the task has moved forward by ``min_progress_m`` since it last did (updates the mark)."""
         progress = self._expert.progress(observation)
-        if progress >= self._best_progress + self.config.min_progress_m or not np.isfinite(self._best_progress):
+        if progress >= self._best_progress + self.config.min_progress_m:  # the first step: -inf + m
             self._best_progress = progress
             return True
         return False
@@ -89,7 +88,6 @@ class SimulatedOperator(TeleopDevice):
         ``policy_action`` is what the policy proposes; the operator judges the state the policy's
         earlier actions led to, as a person watching the arm does.
         """
-        expert = self._expert.act(observation)
         stalled = not self.made_progress(observation)
         if self._phase == "watching":
             self._steps_without_progress = self._steps_without_progress + 1 if stalled else 0
@@ -107,13 +105,12 @@ class SimulatedOperator(TeleopDevice):
             self._countdown -= 1
             if self._countdown == 0:
                 self._phase = "watching"
-                self._steps_without_progress = 0
         self.episode_steps += 1
         self.total_steps += 1
         if intervene:
             self.episode_interventions += 1
             self.total_interventions += 1
-            self._reading = TeleopReading(self._noisy(expert), True)
+            self._reading = TeleopReading(self._noisy(self._expert.act(observation)), True)
         else:
             self._reading = TeleopReading(self._idle_action(), False)
 

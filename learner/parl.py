@@ -560,19 +560,16 @@ class Distiller:
             raise ValueError(f"{type(policy).__name__}: the distilled module has no trainable parameter")
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.distill_lr, weight_decay=0.0)
         self.rng = np.random.default_rng(config.seed)
-        self._generators = SeededGenerators(config.seed)
+        self._generator = SeededGenerators(config.seed)
         #: Distillation steps taken.
         self.steps = 0
-
-    def _generator(self) -> torch.Generator:
-        return self._generators(self.policy.device)
 
     def step(self, observations: PolicyInput, actions: torch.Tensor) -> torch.Tensor:
         """One optimiser step on the whole given batch; returns the (detached) loss before it."""
         was_training = self.module.training
         self.module.train()
         try:
-            loss = self.policy.supervised_loss(observations, actions, self._generator())
+            loss = self.policy.supervised_loss(observations, actions, self._generator(self.policy.device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.config.distill_grad_clip_norm > 0:

@@ -32,8 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from hardware_configs.schema import SACConfig
-from policies.encoders import ObservationEncoder, observation_to_torch
 from policies.base import SeededGenerators
+from policies.encoders import ObservationEncoder, observation_to_torch
 
 LOG_STD_MIN = -5.0
 LOG_STD_MAX = 2.0

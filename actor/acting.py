@@ -168,11 +168,14 @@ class ActingLoop:
         self.on_progress: Callable[[ActingStats], None] | None = None
         self._last_report = 0.0
         self._episode = first_episode
-        self._rng = np.random.default_rng(config.seed if episode_seed is None else episode_seed)
+        # A loop that resumes a stream (first_episode > 0) draws other episode seeds than its first life.
+        seed = config.seed if episode_seed is None else episode_seed
+        self._rng = np.random.default_rng(seed if first_episode == 0 else [seed, first_episode])
         env.action_space.seed(config.seed)
         # A warm-started run acts with the pre-trained policy from the first step.
         self.warm_start = config.learner.warm_start.enabled
         self.random_steps = 0 if self.warm_start else config.actor.random_steps
+        self._stop_requested = False
 
     def _select(self, observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {key: observation[key] for key in self.keys}
@@ -380,15 +383,19 @@ class ActingLoop:
         log.info("warm start: acting with the pre-trained policy (weights version %d) from the first step",
                  self.stats.policy_version)
 
+    def request_stop(self) -> None:
+        """Make :meth:`run` return once the episode under way has ended (safe from any thread)."""
+        self._stop_requested = True
+
     def run(self, total_steps: int, on_progress: Callable[[ActingStats], None] | None = None) -> ActingStats:
-        """Act until ``total_steps`` training env steps are done."""
+        """Act until ``total_steps`` training env steps are done (or :meth:`request_stop`)."""
         if on_progress is not None:
             self.on_progress = on_progress
         if self.warm_start:
             self.wait_for_pretrained_policy()
         start, start_steps = time.perf_counter(), self.stats.env_steps
         every = self.config.actor.eval_every_episodes
-        while self.stats.env_steps < total_steps:
+        while self.stats.env_steps < total_steps and not self._stop_requested:
             self._wait_for_learner(on_progress)
             episode_return, _, success = self.run_episode()
             self.stats.episodes += 1

@@ -97,6 +97,7 @@ class LearnerLink:
         self.rejected = 0
         self.learner_updates = 0
         self._latency_s: float | None = None
+        self._new_address: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"learner-link-{actor_id}", daemon=True)
         self._thread.start()
@@ -148,6 +149,17 @@ class LearnerLink:
         elapsed = time.monotonic() - started_s
         previous = self._latency_s
         self._latency_s = elapsed if previous is None else previous + LATENCY_SMOOTHING * (elapsed - previous)
+
+    def retarget(self, address: str) -> None:
+        """Talk to the learner at ``address`` from now on (a learner restarted on another machine):
+        the link reconnects there, says hello and resends what the new learner does not hold."""
+        with self._lock:
+            self._new_address = address
+            self._lock.notify()
+
+    @property
+    def address(self) -> str:
+        return self._client.address
 
     @property
     def pending(self) -> int:
@@ -225,6 +237,7 @@ class LearnerLink:
         last_contact = time.monotonic()
         while not self._stop.is_set():
             try:
+                self._apply_new_address()
                 if not self.connected:
                     self._say_hello()
                     last_contact = time.monotonic()
@@ -262,6 +275,17 @@ class LearnerLink:
                 log.error("learner refused the actor: %s", error)
                 self.connected = False
                 self._stop.wait(1.0)
+
+    def _apply_new_address(self) -> None:
+        with self._lock:
+            address, self._new_address = self._new_address, None
+            if address is None or address == self._client.address:
+                return
+            self._in_flight = 0
+        log.info("learner moved to %s: reconnecting", address)
+        self._client.address = address
+        self._client.reconnect()
+        self.connected = False
 
     def _fetch_weights(self) -> None:
         """Ask for weights newer than ours (the reply also carries the learner's update count)."""

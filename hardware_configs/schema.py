@@ -1,12 +1,15 @@
 """The session config: one YAML file per robot/cell/task, loaded into these frozen dataclasses.
 
-A file has four sections::
+A file has these sections (all but name optional)::
 
     name: sim_panda_reach
     seed: 0
     robot:    # what the robot server runs: backend, control clock, action scaling, safety, task, cameras
     server:   # where the robot server binds, message limits, CURVE keys
     env:      # how the actor's gymnasium env reaches the robot (zmq or in-process)
+    learner:  # replay, SAC/RLPD, where the learner listens, checkpoints, warm start
+    actor:    # the acting loop: exploration, evaluation, teleop, reward classifier, policy source
+    ray:      # steerl train --ray: many simulated actors and the learner as Ray actors
 
 Units are SI (metres, radians, seconds) unless a field name says otherwise (``_ms``, ``_hz``).
 """
@@ -781,6 +784,49 @@ class ActorConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """``steerl train --ray`` (tools/ray_session.py): the learner, ``num_actors`` simulated actors and
+    optionally a policy server as Ray actors. Data still flows over the actor <-> learner ZeroMQ
+    protocol; Ray only places, starts, watches and restarts the processes."""
+
+    enabled: bool = False
+    # "": start a local Ray instance on this machine; "auto" or "HOST:PORT": join that running cluster.
+    address: str = ""
+    num_actors: int = 2
+    # Ray's CPU accounting per simulated actor and for the learner (a local instance is given at
+    # least what they add up to, so they all start even on a small machine: they then share cores).
+    actor_cpus: float = 1.0
+    learner_cpus: float = 1.0
+    # GPUs for the learner (and the policy server); None: one when the cluster has a GPU and
+    # learner.device is not "cpu", else none. Actors never get one.
+    learner_gpus: Optional[float] = None
+    # Each actor's PyBullet cell: in the actor's own process (inproc), or behind a robot server
+    # child process of its own on a free port (server: the same sockets as a real robot).
+    actor_env: Literal["inproc", "server"] = "inproc"
+    # A policy directory (steerl policy-server --policy): served by a Ray actor; the simulated
+    # actors then take their actions from it (actor.policy_source: remote). "": none.
+    policy_server: str = ""
+    # How often Ray restarts a dead actor (it resumes its episode numbering from the learner) and
+    # a dead learner (it resumes from its last checkpoint and its transition log).
+    max_actor_restarts: int = 3
+    max_learner_restarts: int = 2
+    # A local instance's object store (MiB): weights and transitions never pass through it.
+    object_store_mb: int = 256
+
+    def validate(self) -> None:
+        if self.num_actors < 1:
+            raise ValueError(f"num_actors must be at least 1, got {self.num_actors}")
+        if self.actor_cpus < 0 or self.learner_cpus < 0:
+            raise ValueError("actor_cpus and learner_cpus must be non-negative")
+        if self.learner_gpus is not None and self.learner_gpus < 0:
+            raise ValueError(f"learner_gpus must be non-negative, got {self.learner_gpus}")
+        if self.max_actor_restarts < 0 or self.max_learner_restarts < 0:
+            raise ValueError("max_actor_restarts and max_learner_restarts must be non-negative")
+        if self.object_store_mb < 80:
+            raise ValueError(f"object_store_mb must be at least 80 (Ray's minimum), got {self.object_store_mb}")
+
+
+@dataclass(frozen=True)
 class SessionConfig:
     """One robot cell and task: the whole content of a file in hardware_configs/."""
 
@@ -791,6 +837,7 @@ class SessionConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

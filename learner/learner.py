@@ -46,7 +46,9 @@ Run directory layout::
 A checkpoint is written to ``ckpt-<n>.tmp`` and renamed into place, then ``latest`` is replaced
 atomically: a crash leaves the previous checkpoint intact. On ``resume`` the newest readable
 checkpoint is loaded (a corrupt one is reported with its path and skipped) and the transition log
-written since is replayed, so the learner holds every transition it ever acknowledged.
+written since is replayed, so the learner holds every transition it ever acknowledged. Without
+``resume``, the checkpoints and transition log of an earlier run in the same directory are moved
+into ``earlier_runs/<time>/`` (kept, never mixed into the new run).
 """
 
 from __future__ import annotations
@@ -161,6 +163,26 @@ def write_best_policy(run_dir: str | Path, weights: bytes, best_eval: dict) -> P
     return write_directory_atomically(Path(run_dir) / "best_policy", write)
 
 
+def archive_earlier_run(run_dir: Path) -> Path | None:
+    """Move an earlier run's checkpoints and transition log out of ``run_dir`` into
+    ``run_dir/earlier_runs/<time>/`` so that a fresh run starts empty; returns where, or None."""
+    state = [run_dir / "checkpoints", run_dir / "transition_log"]
+    held = [path for path in state if path.is_dir() and any(path.iterdir())]
+    if not held:
+        return None
+    archive = run_dir / "earlier_runs" / time.strftime("%Y%m%d-%H%M%S")
+    suffix = 0
+    while archive.exists():
+        suffix += 1
+        archive = archive.with_name(f"{archive.name.split('.')[0]}.{suffix}")
+    archive.mkdir(parents=True)
+    for path in held:
+        os.replace(path, archive / path.name)
+    log.warning("%s held an earlier run: its checkpoints and transition log moved to %s (pass resume to continue "
+                "a run)", run_dir, archive)
+    return archive
+
+
 class Learner:
     """Replay + SAC/RLPD + service + checkpoints (see module docstring)."""
 
@@ -170,6 +192,8 @@ class Learner:
         self.settings = config.learner
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            archive_earlier_run(self.run_dir)
         self.device = resolve_device(self.settings.device)
         torch.set_num_threads(self.settings.num_threads or max(1, (os.cpu_count() or 2) - 1))
         self.keys = tuple(self.settings.observation_keys)
@@ -209,7 +233,9 @@ class Learner:
             on_discard=self._discard)
         if resume:
             self._restore()
-        elif spaces is not None:
+            if self.agent is None and spaces is None:  # killed before its first checkpoint
+                spaces = self._logged_spaces()
+        if self.agent is None and spaces is not None:  # fresh, or resumed before any checkpoint
             self.service.set_spaces(spaces)
             try:
                 self._build(spaces)
@@ -236,9 +262,22 @@ class Learner:
             self.stop()
             raise ProtocolError(pb.ERROR_INCOMPATIBLE, str(error)) from None
 
+    @property
+    def _spaces_file(self) -> Path:
+        """The spaces of the transitions in the log: a learner resumed before its first
+        checkpoint needs them to replay the log (it acknowledged those transitions)."""
+        return self.run_dir / "transition_log" / "spaces.json"
+
+    def _logged_spaces(self) -> RobotSpaces | None:
+        if not self._spaces_file.exists():
+            return None
+        return RobotSpaces.from_json(json.loads(self._spaces_file.read_text()))
+
     def _build(self, spaces: RobotSpaces) -> None:
         """Create the agent and buffers once the robot's spaces are known (with a warm start, the
         agent from the offline checkpoint: checked before anything is kept)."""
+        if not self._spaces_file.exists():
+            write_durably(self._spaces_file, json.dumps(spaces.to_json()).encode())
         selected = spaces.select(self.keys)
         observation_space, action_space = selected.observation_space(), selected.action_space()
         agent = SACAgent(self.settings.sac, observation_space, action_space, device=self.device,

@@ -8,7 +8,9 @@ One ROUTER socket serves every actor (transport/steerl.proto, "actor <-> learner
   valid for the spaces); the good ones are appended to the write-ahead log (fsync) and handed to
   ``on_transition``; only then is the batch acknowledged. Duplicates (a resend after a lost ack,
   a restarted actor) are counted and dropped; bad transitions are counted with their reason,
-  logged and never stored.
+  logged and never stored. Steps that never arrived (a step number skipped inside an episode, an
+  episode that does not begin at step 0) are counted per actor in ``missing`` and logged: with a
+  working link there are none, whatever restarts happen on either side.
 - ``WeightsRequest`` -> ``Weights``: the newest published policy (safetensors bytes) if the actor's
   version is older.
 
@@ -68,6 +70,18 @@ class ActorStats:
     # them dropped on arrival.
     discarded_episodes: list[int] = field(default_factory=list)
     discarded_transitions: int = 0
+    # Steps of this stream that never arrived (see missing_between).
+    missing: int = 0
+
+
+def missing_between(previous: Sequence | None, current: Sequence) -> int:
+    """How many steps of a stream were skipped between two consecutive arrivals: the gap inside
+    an episode, or the steps before ``current`` when it opens a new episode (episodes begin at step
+    0; an episode cut short by a dying actor has no steps after its cut, so it counts nothing)."""
+    episode, step = current
+    if previous is not None and previous[0] == episode:
+        return step - previous[1] - 1
+    return step
 
 
 class LearnerService:
@@ -141,6 +155,10 @@ class LearnerService:
                 stats.duplicates += 1
                 ack.duplicates += 1
                 continue
+            skipped = missing_between(last, sequence)
+            if skipped:
+                stats.missing += skipped
+                log.warning("actor %s: %d step(s) missing before transition %s", batch.actor_id, skipped, sequence)
             if message.episode in stats.discarded_episodes:
                 stats.discarded_transitions += 1  # acknowledged (the actor may forget it), never stored
                 last = sequence

@@ -309,7 +309,7 @@ def test_rerecord_mid_episode_drops_exactly_that_episode_from_the_learner(tmp_pa
     # A learner restarted after a crash replays its transition log: the episode is discarded again.
     spaces = RobotSpaces.from_gym(env.observation_space, env.action_space).select(config.learner.observation_keys)
     replay_config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, address=free_tcp_address()))
-    replayed = Learner(replay_config, tmp_path / "run", spaces=spaces)
+    replayed = Learner(replay_config, tmp_path / "run", resume=True, spaces=spaces)
     try:
         assert replayed.online.transitions_added == online.transitions_added
         assert len(replayed.online) == sum(o.length for o in kept)

@@ -122,6 +122,54 @@ def test_learner_killed_mid_run_resumes_without_losing_or_duplicating(tmp_path) 
     assert online.transitions_added == 1200
 
 
+def test_learner_killed_before_its_first_checkpoint_replays_every_acknowledged_transition(tmp_path) -> None:
+    config = _config(random_steps=10**6)
+    config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, learning_starts=10**6))
+    env = make_gym_env(ENV_ID, 30)
+    run_dir = tmp_path / "run"
+    process = _learner_process(config, run_dir)
+    try:
+        loop, link = _acting(config, env)
+        loop.run(300)
+        assert link.flush(20)
+        process.send_signal(signal.SIGKILL)  # no checkpoint at all: only the transition log
+        process.wait(10)
+        assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+        process = _learner_process(config, run_dir, resume=True)  # rebuilt from the logged spaces
+        loop.run(450)
+        assert link.flush(60)
+        link.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    online = ReplayBuffer.load(latest_checkpoint(run_dir) / "online")
+    assert online.transitions_added == len(online) == loop.stats.env_steps == 450
+
+
+def test_a_fresh_run_moves_an_earlier_runs_state_aside(tmp_path) -> None:
+    config = _config(random_steps=10**6)
+    env = make_gym_env(ENV_ID, 30)
+    learner = LearnerThread(config, tmp_path / "run")
+    loop, link = _acting(config, env)
+    loop.run(60)
+    assert link.flush(20)
+    link.close()
+    learner.stop()  # final checkpoint + a transition log
+    fresh = Learner(dataclasses.replace(config, learner=dataclasses.replace(
+        config.learner, address=free_tcp_address())), tmp_path / "run")
+    try:
+        assert fresh.service.transitions_received == 0 and fresh.agent is None
+        assert fresh.service.actors == {}  # the earlier run's episode numbers are not held against new actors
+    finally:
+        fresh.close()
+    archived = list((tmp_path / "run" / "earlier_runs").iterdir())
+    assert len(archived) == 1
+    online = ReplayBuffer.load(latest_checkpoint(archived[0]) / "online")
+    assert len(online) == 60
+
+
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog) -> None:
     config = _config(random_steps=10**6)
     env = make_gym_env(ENV_ID, 30)

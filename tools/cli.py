@@ -127,8 +127,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"steerl train: --save-videos must be 0 or positive, got {args.save_videos}", file=sys.stderr)
         return 2
     run_dir = args.run_dir or f"{config.learner.run_dir}/{config.name}"
+    config = _with_ray(config, args)
+    if config.ray.enabled:
+        if args.env_id or args.save_videos:
+            print("steerl train --ray: --env-id and --save-videos are for single-actor sessions", file=sys.stderr)
+            return 2
+        from tools.ray_session import run_ray_training
+
+        return run_ray_training(config, run_dir, args.steps, demos=args.demos, resume=args.resume)
     return run_training(config, run_dir, args.steps, demos=args.demos, resume=args.resume, env_id=args.env_id,
                         save_videos=args.save_videos)
+
+
+def _with_ray(config: SessionConfig, args: argparse.Namespace) -> SessionConfig:
+    """``--ray`` / ``--ray-address`` / ``--actors`` override the ``ray`` section (validated again)."""
+    overrides = {}
+    if args.ray or args.ray_address is not None or args.actors is not None:
+        overrides["enabled"] = True
+    if args.ray_address is not None:
+        overrides["address"] = args.ray_address
+    if args.actors is not None:
+        overrides["num_actors"] = args.actors
+    if not overrides:
+        return config
+    settings = dataclasses.replace(config.ray, **overrides)
+    try:
+        settings.validate()
+    except ValueError as error:
+        raise ConfigError(f"ray: {error}") from None
+    return dataclasses.replace(config, ray=settings)
 
 
 def cmd_learner(args: argparse.Namespace) -> int:
@@ -400,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "spacemouse, simulated_operator or a YAML path (overrides actor.teleop)")
     train.add_argument("--save-videos", type=int, default=0, metavar="N",
                        help="save every N-th episode's camera images as MP4 into RUN_DIR/videos (0: none)")
+    train.add_argument("--ray", action="store_true",
+                       help="run the learner and ray.num_actors simulated actors as Ray actors (a local Ray instance "
+                            "unless --ray-address); the same ZeroMQ data path (overrides ray.enabled)")
+    train.add_argument("--ray-address", metavar="ADDRESS",
+                       help="join this running Ray cluster (auto, or HOST:PORT) instead of starting one (implies --ray)")
+    train.add_argument("--actors", type=int, metavar="N", help="simulated actors under Ray (implies --ray)")
     warm_start_options(train)
     train.set_defaults(handler=cmd_train)
 

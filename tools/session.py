@@ -25,6 +25,7 @@ import json
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -165,25 +166,45 @@ def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, conso
             remote.close()
 
 
-def _act_with_progress(config: SessionConfig, env, total_steps: int, actor_id: str, console: Console,
-                       spaces: RobotSpaces, remote: RemotePolicy | None, learner: subprocess.Popen | None,
-                       video: EpisodeVideoRecorder | None) -> ActingStats:
-    """:func:`run_actor` once the policy is settled: the learner link, the loop, the progress line."""
+def start_acting(config: SessionConfig, env, actor_id: str, spaces: RobotSpaces, remote: RemotePolicy | None = None,
+                 check_learner: Callable[[], None] | None = None, video: EpisodeVideoRecorder | None = None,
+                 episode_seed: int | None = None) -> tuple[ActingLoop, LearnerLink]:
+    """The learner link, once the learner has said hello, and an acting loop that numbers its
+    episodes after the last one the learner holds from ``actor_id`` (a restarted actor resumes the
+    count). ``check_learner`` raises if the learner is known to be gone (called while waiting)."""
     # A remote policy replaces the learner's published weights: the link then only ships transitions.
     loader = None if remote is not None else actor_policy_loader(config, spaces)
     link = LearnerLink(config.learner.address, actor_id, spaces, load_policy=loader,
                        timeout_ms=config.actor.timeout_ms, max_queue_mb=config.actor.send_queue_mb)
-    deadline = time.monotonic() + LEARNER_START_TIMEOUT_S
-    hello = None
-    while hello is None:
-        hello = link.wait_for_hello(1.0)
+    try:
+        deadline = time.monotonic() + LEARNER_START_TIMEOUT_S
+        hello = None
+        while hello is None:
+            hello = link.wait_for_hello(1.0)
+            if check_learner is not None:
+                check_learner()
+            if hello is None and time.monotonic() > deadline:
+                raise RuntimeError(f"no learner answered at {config.learner.address}")
+    except BaseException:
+        link.close(flush_timeout_s=0)
+        raise
+    first_episode = hello.acked_episode + 1 if hello.has_acked else 0
+    loop = ActingLoop(config, env, link, tuple(spaces.observation), first_episode=first_episode, video=video,
+                      episode_seed=episode_seed)
+    loop.policy = remote
+    return loop, link
+
+
+def _act_with_progress(config: SessionConfig, env, total_steps: int, actor_id: str, console: Console,
+                       spaces: RobotSpaces, remote: RemotePolicy | None, learner: subprocess.Popen | None,
+                       video: EpisodeVideoRecorder | None) -> ActingStats:
+    """:func:`run_actor` once the policy is settled: the learner link, the loop, the progress line."""
+
+    def check_learner() -> None:
         if learner is not None and learner.poll() is not None:
             raise RuntimeError(f"the learner exited with code {learner.returncode}")
-        if hello is None and time.monotonic() > deadline:
-            raise RuntimeError(f"no learner answered at {config.learner.address}")
-    first_episode = hello.acked_episode + 1 if hello.has_acked else 0
-    loop = ActingLoop(config, env, link, tuple(spaces.observation), first_episode=first_episode, video=video)
-    loop.policy = remote
+
+    loop, link = start_acting(config, env, actor_id, spaces, remote, check_learner, video)
     columns = [TextColumn("[bold blue]env steps"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[line]}"), TimeElapsedColumn()]
     rate = {"updates": 0, "time": time.monotonic(), "per_s": 0.0}

@@ -115,6 +115,7 @@ class LearnerService:
     # -- state the checkpoint keeps -----------------------------------------------------------
     def stream_table(self) -> dict[str, dict]:
         return {actor: {"stream_id": s.stream_id, "acked": list(s.acked) if s.acked else None,
+                        "accepted": s.accepted, "missing": s.missing,
                         "discarded_episodes": list(s.discarded_episodes)}
                 for actor, s in self.actors.items()}
 
@@ -122,10 +123,16 @@ class LearnerService:
         for actor, entry in table.items():
             acked = tuple(entry["acked"]) if entry["acked"] is not None else None
             self.actors[actor] = ActorStats(stream_id=int(entry["stream_id"]), acked=acked,
+                                            accepted=int(entry.get("accepted", 0)), missing=int(entry.get("missing", 0)),
                                             discarded_episodes=[int(e) for e in entry.get("discarded_episodes", [])])
 
     def set_spaces(self, spaces: RobotSpaces) -> None:
         self.spaces = spaces
+
+    @property
+    def weights_bytes(self) -> int:
+        """Size of the newest published weights (what each actor fetches per version)."""
+        return len(self._weights)
 
     def publish(self, weights: bytes, learner_updates: int) -> None:
         """Make ``weights`` (safetensors bytes of the policy) the newest version."""

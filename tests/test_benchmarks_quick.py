@@ -223,3 +223,20 @@ def test_vgps_benchmark_quick(tmp_path: Path) -> None:
     measured = json.loads(latency_only.read_text())
     assert measured["arms"] == {} and set(measured["latency"]) == {"base", "vgps_k10", "vgps_k50", "ddpm20"}
     assert set(measured["targets"]) == {"vgps_k10_latency_le_1.5x_base", "ddim_ge_8x_faster_than_ddpm"}
+
+
+def test_scale_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--quick", "--modes", "collect", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["quick"] is True and results["machine"]["cpu_count"] >= 1
+    runs = {run["actors"]: run for run in results["runs"]}
+    assert set(runs) == {1, 2}
+    for run in runs.values():
+        assert run["steps_per_s"] > 0 and run["updates_per_s"] == 0  # collect: the learner only ingests
+        assert run["missing"] == 0 and run["weights_bytes"] > 0 and 100 < run["bytes_per_transition"] < 10_000
+    assert results["ratios"]["collect_2_over_1"] == runs[2]["steps_per_s"] / runs[1]["steps_per_s"]
+    assert "no missing transition in any run" in results["targets"]

@@ -178,8 +178,12 @@ class LearnerWorker:
             actors[actor_id] = {"accepted": stats.accepted, "duplicates": stats.duplicates,
                                 "missing": stats.missing, "rejected": sum(stats.rejected.values()),
                                 "acked": list(stats.acked) if stats.acked else None}
+        online = self.learner.online
         return {"updates": self.learner.updates, "transitions": service.transitions_received,
-                "weights_version": service.weights_version, "address": self.learner.address,
+                "weights_version": service.weights_version, "weights_bytes": service.weights_bytes,
+                "replay_nbytes": online.nbytes if online is not None else 0,
+                "replay_capacity": online.capacity if online is not None else 0,
+                "address": self.learner.address,
                 "restarted": self.restarted, "resumed_updates": self.resumed_updates, "pid": os.getpid(),
                 "training": self._thread.is_alive(), "error": self.error, "actors": actors}
 

@@ -1,0 +1,128 @@
+"""Ray sessions on a real local Ray instance: two simulated actors and the learner as Ray actors,
+over the ordinary ZeroMQ data path; an actor and then the learner are killed like a crash."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hardware_configs.loader import ConfigError
+from hardware_configs.schema import SessionConfig, save_config
+from learner.learner import latest_checkpoint
+from learner.replay import ReplayBuffer
+from tools.ray_session import RaySession, actor_config
+
+from conftest import configure, free_tcp_address
+
+
+def _config(**ray_changes) -> SessionConfig:
+    config = configure("sim_panda_reach")
+    sac = dataclasses.replace(config.learner.sac, hidden_dims=(64, 64), batch_size=64)
+    learner = dataclasses.replace(config.learner, address=free_tcp_address(), learning_starts=200,
+                                  checkpoint_every_updates=10**6, sac=sac, num_threads=1)
+    actor = dataclasses.replace(config.actor, random_steps=200, eval_every_episodes=0, eval_episodes=2,
+                                max_steps_per_update=0.0)
+    ray = dataclasses.replace(config.ray, **{"enabled": True, "num_actors": 2, "actor_cpus": 0.5, "learner_cpus": 0.5,
+                                             **ray_changes})
+    return dataclasses.replace(config, learner=learner, actor=actor, ray=ray)
+
+
+def _wait(session: RaySession, condition, what: str, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    snapshot = session.poll()
+    while not condition(snapshot):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {snapshot}"
+        time.sleep(0.3)
+        snapshot = session.poll()
+    return snapshot
+
+
+def test_actors_and_learner_killed_mid_run_are_restarted_without_a_lost_or_duplicated_transition(tmp_path) -> None:
+    session = RaySession(_config(), tmp_path / "run")
+    session.start(total_steps=10**9)
+    try:
+        _wait(session, lambda s: s["transitions"] > 600 and all(slot.last.get("env_steps") for slot in session.actors),
+              "both actors shipping")
+        acked_before = session.learner_status["actors"]["ray-actor-1"]["acked"]
+        old_pid = session.actors[1].pid
+        session.kill_actor(1)
+        _wait(session, lambda s: session.actors[1].state == "running" and session.actors[1].restarts == 1
+              and session.actors[1].last.get("env_steps", 0) > 100, "actor 1 back and acting")
+        assert session.actors[1].pid != old_pid
+        # Its numbering continues after what the learner held from it: no episode number is reused.
+        assert session.actors[1].last["episode"] > acked_before[0]
+
+        checkpoint_updates = session.checkpoint_learner()
+        held = session.learner_status["transitions"]
+        session.kill_learner()
+        snapshot = _wait(session, lambda s: s["learner_restarts"] == 1 and s["transitions"] > held + 300,
+                         "learner back and ingesting")
+        assert session.learner_status["restarted"]
+        assert session.learner_status["resumed_updates"] == checkpoint_updates
+        assert snapshot["actors_alive"] == 2
+    finally:
+        summary = session.stop()
+    streams = {entry["index"]: entry for entry in summary["actors"]}
+    assert all(entry["missing"] == 0 and entry["rejected"] == 0 for entry in streams.values()), streams
+    assert streams[1]["restarts"] == 1 and streams[0]["restarts"] == 0
+    # Everything acknowledged is held exactly once: the learner's count, the actors' acceptance
+    # counts and the final checkpoint's buffer agree (resends after the learner's restart were
+    # dropped as duplicates).
+    online = ReplayBuffer.load(latest_checkpoint(tmp_path / "run") / "online")
+    accepted = sum(entry["accepted"] for entry in streams.values())
+    assert online.transitions_added == len(online) == accepted == summary["transitions"]
+    # Only the killed actor's steps the learner never acknowledged are gone with its process.
+    assert 0 <= summary["env_steps"] - summary["transitions"] <= 300
+    assert summary["eval_history"], "actor 0 runs the final evaluation"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["learner_restarts"] == 1
+
+
+def test_steerl_train_ray_runs_a_session_from_the_command_line(tmp_path) -> None:
+    config = _config()
+    config_file = save_config(config, tmp_path / "ray.yaml")
+    result = subprocess.run([sys.executable, "-m", "tools.cli", "train", "--config", str(config_file), "--ray",
+                             "--actors", "2", "--steps", "600", "--run-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 simulated actors" in result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["transitions"] >= 600
+    assert {entry["index"] for entry in summary["actors"]} == {0, 1}
+    assert all(entry["accepted"] > 0 and entry["missing"] == 0 for entry in summary["actors"])
+
+
+def test_each_actor_gets_its_own_seed_share_of_exploration_and_pacing() -> None:
+    config = _config(num_actors=4)
+    config = dataclasses.replace(config, actor=dataclasses.replace(
+        config.actor, random_steps=1000, eval_every_episodes=20, max_steps_per_update=1.0))
+    first = actor_config(config, 0, "tcp://127.0.0.1:7000", restarted=False)
+    third = actor_config(config, 2, "tcp://127.0.0.1:7000", restarted=False)
+    third_again = actor_config(config, 2, "tcp://127.0.0.1:7000", restarted=True)
+    assert first.seed != third.seed and third.seed == third_again.seed
+    assert first.actor.random_steps == third.actor.random_steps == 250 and third_again.actor.random_steps == 0
+    assert first.actor.eval_every_episodes == 20 and third.actor.eval_every_episodes == 0
+    assert third.actor.max_steps_per_update == pytest.approx(0.25)
+    assert third.env.connection == "inproc" and third.learner.address == "tcp://127.0.0.1:7000"
+    served = actor_config(dataclasses.replace(config, ray=dataclasses.replace(config.ray, actor_env="server")), 1,
+                          "tcp://127.0.0.1:7000", restarted=False, policy_server_address="tcp://127.0.0.1:7100")
+    assert served.env.connection == "zmq" and served.env.address == served.server.address != config.server.address
+    assert served.actor.policy_source == "remote" and served.actor.policy_server.address == "tcp://127.0.0.1:7100"
+
+
+def test_ray_settings_that_cannot_work_are_refused_before_anything_starts(tmp_path) -> None:
+    from hardware_configs.loader import load_dataclass, to_dict
+
+    data = to_dict(_config())
+    data["ray"]["num_actors"] = 0
+    with pytest.raises(ConfigError, match="ray: num_actors must be at least 1"):
+        load_dataclass(SessionConfig, data)
+    with pytest.raises(ConfigError, match="actor.teleop: a keyboard"):
+        RaySession(dataclasses.replace(_config(), actor=dataclasses.replace(_config().actor, teleop="keyboard")),
+                   tmp_path)
+    with pytest.raises(ConfigError, match="ray.policy_server: .*no such policy directory"):
+        RaySession(_config(policy_server=str(tmp_path / "nowhere")), tmp_path)

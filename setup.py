@@ -44,6 +44,8 @@ setup(
         "diffusers>=0.35",
         # PA-RL (learner/parl.py) fine-tunes OpenVLA through LoRA adapters (pulls in accelerate).
         "peft>=0.21",
+        # steerl train --ray (tools/ray_session.py): learner, simulated actors, policy server as Ray actors.
+        "ray>=2.50",
     ],
     extras_require={
         "dev": [

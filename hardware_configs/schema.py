@@ -456,7 +456,8 @@ class CurveClientKeys:
     server_public_key_file: str
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
+    """Whether a ZeroMQ endpoint stays on this machine (loopback host, ipc:// or inproc://)."""
     parsed = urlparse(address)
     if parsed.scheme in ("ipc", "inproc"):
         return True
@@ -482,7 +483,7 @@ class ServerConfig:
     def validate(self) -> None:
         if urlparse(self.address).scheme not in ("tcp", "ipc", "inproc"):
             raise ValueError(f"address {self.address!r} must start with tcp://, ipc:// or inproc://")
-        if not _is_loopback(self.address) and self.curve is None:
+        if not is_loopback(self.address) and self.curve is None:
             raise ValueError(
                 f"address {self.address!r} binds beyond loopback: set server.curve keys "
                 "(steerl keys generate) so that only authorised clients can command the robot"
@@ -515,7 +516,7 @@ class PolicyServerConfig:
 
     def validate(self) -> None:
         _check_endpoint(self.address)
-        if not _is_loopback(self.address) and self.curve is None:
+        if not is_loopback(self.address) and self.curve is None:
             raise ValueError(f"address {self.address!r} binds beyond loopback: set curve keys (steerl keys "
                              "generate) so that only authorised actors reach the policy")
         if self.max_message_bytes < 1024:
@@ -720,6 +721,9 @@ class LearnerConfig:
     learning_starts: int = 500
     # Transitions in, weights out (the actor connects here).
     address: str = "tcp://127.0.0.1:5560"
+    # CURVE keys of the learner's socket: required when it binds beyond loopback (the learner
+    # refuses to start without them); actors then need actor.learner_curve.
+    curve: Optional[CurveServerKeys] = None
     publish_every_updates: int = 50
     checkpoint_every_updates: int = 5000
     run_dir: str = "runs"
@@ -773,6 +777,8 @@ class ActorConfig:
     # random_steps applies to both (set it to 0 to let a remote policy act from the first step).
     policy_source: Literal["local", "remote"] = "local"
     policy_server: PolicyClientConfig = field(default_factory=PolicyClientConfig)
+    # CURVE keys for the link to a learner that binds beyond loopback (learner.curve).
+    learner_curve: Optional[CurveClientKeys] = None
 
     def validate(self) -> None:
         if self.max_steps_per_update < 0:

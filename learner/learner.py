@@ -66,8 +66,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from hardware_configs.loader import to_dict
-from hardware_configs.schema import SessionConfig
+from hardware_configs.loader import ConfigError, to_dict
+from hardware_configs.schema import SessionConfig, is_loopback
 from learner.durable import write_directory_atomically, write_durably
 from learner.replay import Batch, ReplayBuffer, ReplayFormatError, sample_mixed
 from learner.sac import SACAgent
@@ -227,10 +227,13 @@ class Learner:
             else:
                 self._pretrained = check_warm_start(self.warm_start, self.settings.sac)
             self.q_log = QValueLog(self.run_dir / Q_LOG_FILE, self.warm_start, resume=resuming_own)
+        if not is_loopback(self.settings.address) and self.settings.curve is None:
+            raise ConfigError(f"learner.address {self.settings.address!r} binds beyond loopback: set learner.curve "
+                              "keys (steerl keys generate) so that only authorised actors send transitions")
         self.service = LearnerService(
             self.settings.address, TransitionLog(self.run_dir / "transition_log"),
             on_transition=self._add, on_episode=self._episode, on_spaces=self._spaces_announced,
-            on_discard=self._discard)
+            on_discard=self._discard, curve=self.settings.curve)
         if resume:
             self._restore()
             if self.agent is None and spaces is None:  # killed before its first checkpoint

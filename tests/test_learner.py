@@ -148,6 +148,26 @@ def test_learner_killed_before_its_first_checkpoint_replays_every_acknowledged_t
     assert online.transitions_added == len(online) == loop.stats.env_steps == 450
 
 
+def test_an_actor_retargeted_to_a_learner_restarted_elsewhere_resends_what_it_lacks(tmp_path) -> None:
+    config = _config(random_steps=10**6)
+    env = make_gym_env(ENV_ID, 30)
+    first = LearnerThread(config, tmp_path / "run")
+    loop, link = _acting(config, env)
+    loop.run(90)
+    assert link.flush(20)
+    first.stop()  # its final checkpoint holds all 90
+    loop.run(150)  # acting on while no learner answers: 60 more wait in the queue
+    moved = dataclasses.replace(config, learner=dataclasses.replace(config.learner, address=free_tcp_address()))
+    second = LearnerThread(moved, tmp_path / "run", resume=True)
+    link.retarget(moved.learner.address)
+    assert link.flush(30) and link.address == moved.learner.address
+    link.close()
+    second.stop()
+    online = second.learner.online
+    assert online.transitions_added == len(online) == 150
+    assert second.learner.service.actors["actor-0"].missing == 0
+
+
 def test_a_fresh_run_moves_an_earlier_runs_state_aside(tmp_path) -> None:
     config = _config(random_steps=10**6)
     env = make_gym_env(ENV_ID, 30)
@@ -251,3 +271,12 @@ def test_intervened_transitions_go_to_both_buffers_feed_the_demo_share_and_survi
         assert len(restored.interventions) == intervened_steps
     finally:
         restored.close()
+
+
+def test_a_learner_binding_beyond_loopback_without_curve_keys_refuses_to_start(tmp_path) -> None:
+    from hardware_configs.loader import ConfigError
+
+    config = _config()
+    open_address = dataclasses.replace(config, learner=dataclasses.replace(config.learner, address="tcp://0.0.0.0:5999"))
+    with pytest.raises(ConfigError, match="learner.address 'tcp://0.0.0.0:5999' binds beyond loopback: set learner.curve"):
+        Learner(open_address, tmp_path / "run")

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,7 @@ def _wait(session: RaySession, condition, what: str, timeout_s: float = 120.0) -
     snapshot = session.poll()
     while not condition(snapshot):
         assert time.monotonic() < deadline, f"timed out waiting for {what}: {snapshot}"
+        assert all(slot.state != "dead" for slot in session.actors), f"an actor failed while waiting for {what}"
         time.sleep(0.3)
         snapshot = session.poll()
     return snapshot
@@ -94,6 +96,87 @@ def test_steerl_train_ray_runs_a_session_from_the_command_line(tmp_path) -> None
     assert summary["transitions"] >= 600
     assert {entry["index"] for entry in summary["actors"]} == {0, 1}
     assert all(entry["accepted"] > 0 and entry["missing"] == 0 for entry in summary["actors"])
+
+
+def test_actors_act_through_a_policy_server_run_as_a_ray_actor(tmp_path) -> None:
+    from actor.env import make_env
+    from policies.sac_policy import SACPolicy
+    from transport.spaces import RobotSpaces
+
+    config = _config()
+    env = make_env(dataclasses.replace(config, env=dataclasses.replace(config.env, connection="inproc")))
+    seen = RobotSpaces.from_gym(env.observation_space, env.action_space).select(config.learner.observation_keys)
+    env.close()
+    SACPolicy(config.learner.sac, seen.observation_space(), seen.action_space()).save(tmp_path / "policy")
+    config = _config(policy_server=str(tmp_path / "policy"))
+    config = dataclasses.replace(
+        config, actor=dataclasses.replace(config.actor, random_steps=0),
+        learner=dataclasses.replace(config.learner, policy_server=dataclasses.replace(
+            config.learner.policy_server, address=free_tcp_address())))
+    import ray
+
+    # A cluster with one GPU (declared: Ray places by resources, no device is touched here): the
+    # learner and the policy server share it, the actors get none.
+    ray.init(num_cpus=3, num_gpus=1, include_dashboard=False, object_store_memory=128 * 1024 * 1024)
+    session = RaySession(config, tmp_path / "run")
+    try:
+        session.start(total_steps=10**9)
+        assert session.learner_status["gpu_ids"] and ray.get(session.policy_server.gpu_ids.remote())
+        _wait(session, lambda s: s["transitions"] > 300 and all(
+            slot.last.get("remote_policy", {}).get("answered", 0) > 50 for slot in session.actors),
+              "both actors acting through the policy server")
+        for slot in session.actors:
+            served = slot.last["remote_policy"]
+            assert served["name"] == "policy" and served["holds"] <= served["answered"] // 10, served
+            assert slot.last["gpu_ids"] == []
+    finally:
+        summary = session.stop()
+        ray.shutdown()
+    assert summary["transitions"] > 300 and all(entry["missing"] == 0 for entry in summary["actors"])
+
+
+def test_steerl_train_joins_a_running_cluster_with_curve_keys_on_the_node_address(tmp_path, monkeypatch) -> None:
+    import socket
+
+    from hardware_configs.schema import CurveClientKeys, CurveServerKeys
+    from transport.zmq_link import generate_keypair
+
+    learner_public, learner_secret = generate_keypair(tmp_path / "keys" / "learner", "learner")
+    generate_keypair(tmp_path / "keys" / "actors", "actor")
+    actor_secret = tmp_path / "keys" / "actors" / "actor.key_secret"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    # Ray's own token authentication is the cluster owner's business; this test is about ours.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=3", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
+    try:
+        def train(config: SessionConfig) -> subprocess.CompletedProcess:
+            config_file = save_config(config, tmp_path / "cluster.yaml")
+            return subprocess.run([sys.executable, "-m", "tools.cli", "train", "--config", str(config_file),
+                                   "--ray-address", f"127.0.0.1:{port}", "--steps", "400", "--run-dir",
+                                   str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+
+        refused = train(_config())
+        assert refused.returncode == 2 and "set learner.curve, actor.learner_curve" in refused.stderr
+        config = _config()
+        config = dataclasses.replace(
+            config,
+            learner=dataclasses.replace(config.learner, curve=CurveServerKeys(str(learner_secret),
+                                                                              str(tmp_path / "keys" / "actors"))),
+            actor=dataclasses.replace(config.actor, learner_curve=CurveClientKeys(str(actor_secret),
+                                                                                  str(learner_public))))
+        result = train(config)
+        assert result.returncode == 0, result.stderr[-3000:]
+        listened = [line for line in result.stdout.splitlines() if line.startswith("learner listened at")]
+        assert listened and "127.0.0.1" not in listened[0]  # the node's address, reachable from other nodes
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["transitions"] >= 400
+        assert all(entry["accepted"] > 0 and entry["missing"] == 0 for entry in summary["actors"])
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
 
 
 def test_each_actor_gets_its_own_seed_share_of_exploration_and_pacing() -> None:

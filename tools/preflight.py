@@ -55,7 +55,7 @@ from hardware_configs.schema import (
     CameraDeviceConfig,
     RobotConfig,
     SessionConfig,
-    _is_loopback,
+    is_loopback,
 )
 from robot_server.backends import RobotBackend, make_backend
 from robot_server.backends.real_arm import describe_error
@@ -259,7 +259,7 @@ def check_keys(config: SessionConfig) -> list[CheckRow]:
     rows = []
     server = config.server
     if server.curve is None:
-        if _is_loopback(server.address):
+        if is_loopback(server.address):
             rows.append(CheckRow("server CURVE", "ok", "not needed", f"server.address {server.address} is loopback"))
         else:
             rows.append(CheckRow("server CURVE", "warn", "no keys",
@@ -334,7 +334,7 @@ def check_learner_address(config: SessionConfig) -> CheckRow:
     problem = _address_problem(address)
     if problem:
         return CheckRow("learner address", "fail", "invalid", f"learner.address {address!r} {problem}")
-    if not _is_loopback(address):
+    if not is_loopback(address):
         return CheckRow("learner address", "warn", address,
                         "binds beyond loopback; this config gives the learner link no CURVE keys")
     return CheckRow("learner address", "ok", address, "parses (not connected)")

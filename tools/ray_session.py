@@ -105,6 +105,13 @@ def _restarted_by_ray() -> bool:
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
+def _gpu_ids() -> list:
+    """The GPUs Ray assigned to the current worker."""
+    import ray
+
+    return list(ray.get_gpu_ids())
+
+
 def _quiet_worker_logs() -> None:
     """Workers print warnings and errors only (Ray forwards them to the supervisor's terminal)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -185,6 +192,7 @@ class LearnerWorker:
                 "replay_capacity": online.capacity if online is not None else 0,
                 "address": self.learner.address,
                 "restarted": self.restarted, "resumed_updates": self.resumed_updates, "pid": os.getpid(),
+                "gpu_ids": _gpu_ids(),
                 "training": self._thread.is_alive(), "error": self.error, "actors": actors}
 
     def checkpoint(self, timeout_s: float) -> int:
@@ -243,6 +251,7 @@ class SimActorWorker:
         self._lock = threading.Lock()
         self._loop = None
         self._link = None
+        self._remote = None
         self._stop_requested = False
 
     def run(self, total_steps: int) -> dict[str, Any]:
@@ -261,6 +270,7 @@ class SimActorWorker:
         remote = None
         if config.actor.policy_source == "remote":
             remote = connect_remote_policy(config.actor.policy_server, spaces, client_name=self.actor_id)
+        self._remote = remote
         try:
             loop, link = start_acting(config, self.env, self.actor_id, spaces, remote)
             with self._lock:
@@ -287,6 +297,7 @@ class SimActorWorker:
         stats = loop.stats
         report = {
             "index": self.index, "started": True, "restarted": self.restarted, "pid": os.getpid(),
+            "gpu_ids": _gpu_ids(),
             "env_steps": stats.env_steps, "episodes": stats.episodes, "episode": stats.episode,
             "success_rate": stats.success_rate, "mean_return": stats.mean_return,
             "recent_successes": len(stats.recent_successes), "steps_per_s": stats.steps_per_s,
@@ -295,6 +306,11 @@ class SimActorWorker:
             "link_connected": bool(link and link.connected), "link_latency_ms": link.latency_ms if link else None,
             "learner_updates": link.learner_updates if link else 0, "dropped": link.dropped if link else 0,
         }
+        remote = self._remote
+        if remote is not None:
+            report["remote_policy"] = {"name": remote.stats.policy_name, "answered": remote.stats.answered,
+                                       "holds": sum(remote.stats.holds.values()),
+                                       "round_trip_ms": remote.stats.round_trip_ms}
         if final:
             report["episode_history"] = list(stats.episode_history)
             report["best_policy_weights"] = stats.best_policy_weights
@@ -340,6 +356,9 @@ class PolicyServerWorker:
 
     def address(self) -> str:
         return self.server.address
+
+    def gpu_ids(self) -> list:
+        return _gpu_ids()
 
     def stop(self) -> None:
         self.server.stop()
@@ -697,6 +716,16 @@ def _check_ray_config(config: SessionConfig) -> None:
     if config.robot.backend != "pybullet":
         raise ConfigError(f"robot.backend: Ray runs simulated actors only, got {config.robot.backend!r} (a real "
                           "robot's actor joins a Ray-run learner with steerl actor)")
+    if config.ray.address:  # workers on other machines: every socket a worker binds must be CURVE-protected
+        needed = {"learner.curve": config.learner.curve, "actor.learner_curve": config.actor.learner_curve}
+        if config.ray.policy_server:
+            needed.update({"learner.policy_server.curve": config.learner.policy_server.curve,
+                           "actor.policy_server.curve": config.actor.policy_server.curve})
+        missing = [name for name, keys in needed.items() if keys is None]
+        if missing:
+            raise ConfigError(f"ray.address {config.ray.address!r}: on a cluster the learner binds its node's address, "
+                              f"beyond loopback: set {', '.join(missing)} (steerl keys generate; the key files must "
+                              "exist at the same paths on every node)")
     if config.ray.policy_server and not Path(config.ray.policy_server).is_dir():
         raise ConfigError(f"ray.policy_server: {config.ray.policy_server}: no such policy directory")
 

@@ -175,7 +175,8 @@ def start_acting(config: SessionConfig, env, actor_id: str, spaces: RobotSpaces,
     # A remote policy replaces the learner's published weights: the link then only ships transitions.
     loader = None if remote is not None else actor_policy_loader(config, spaces)
     link = LearnerLink(config.learner.address, actor_id, spaces, load_policy=loader,
-                       timeout_ms=config.actor.timeout_ms, max_queue_mb=config.actor.send_queue_mb)
+                       timeout_ms=config.actor.timeout_ms, max_queue_mb=config.actor.send_queue_mb,
+                       curve=config.actor.learner_curve)
     try:
         deadline = time.monotonic() + LEARNER_START_TIMEOUT_S
         hello = None

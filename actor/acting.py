@@ -340,10 +340,13 @@ class ActingLoop:
         self.stats.eval_success_rate = rate
         self.stats.eval_history.append(entry)
         best = self.stats.best_eval
-        learned_here = hasattr(self.policy, "state_dict")  # not a remote policy served elsewhere
-        if learned_here and (best is None or rate >= best["success_rate"]):
+        # The learner's policy (not a remote one served elsewhere): its tensors, or the packed bundle it came in.
+        weights = getattr(self.policy, "published_bytes", None)
+        if weights is None and hasattr(self.policy, "state_dict"):
+            weights = policy_state_to_bytes(self.policy)
+        if weights is not None and (best is None or rate >= best["success_rate"]):
             self.stats.best_eval = {**entry, "episodes": len(successes), "policy_version": self.stats.policy_version}
-            self.stats.best_policy_weights = policy_state_to_bytes(self.policy)
+            self.stats.best_policy_weights = weights
         return rate
 
     def _wait_for_learner(self, on_progress: Callable[[ActingStats], None] | None) -> None:

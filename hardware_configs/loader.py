@@ -114,7 +114,10 @@ def _build(cls: type[T], data: Any, path: str) -> T:
             kwargs[name] = _convert(hints[name], data[name], _join(path, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(path, name)}: required field is missing")
-    instance = cls(**kwargs)
+    try:
+        instance = cls(**kwargs)
+    except ValueError as error:  # a check that runs on construction (__post_init__)
+        raise ConfigError(f"{path}: {error}" if path else str(error)) from None
     validate = getattr(instance, "validate", None)
     if callable(validate):
         try:

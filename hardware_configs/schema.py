@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 from urllib.parse import urlparse
 
 from hardware_configs.loader import ConfigError, load_yaml
@@ -703,12 +704,115 @@ class WarmStartConfig:
             raise ValueError("q_log_updates and q_log_every must be non-negative")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class PARLConfig:
+    """PA-RL hyper-parameters (the math is in learner/parl.py's docstring); validated on
+    construction, errors name the field (``PARLConfig.top_k: ...``). In a session config it is
+    ``learner.parl`` (with ``learner.algorithm: parl``): the critic is then built from
+    ``learner.sac`` and reads ``learner.observation_keys``."""
+
+    # -- the session (steerl train with learner.algorithm: parl)
+    #: The policy directory to fine-tune (steerl train-bc output, or any DistillablePolicy's).
+    base_policy: str = ""
+    #: One distillation iteration (``distill_steps`` supervised steps) after this many updates.
+    distill_every_updates: int = 1
+
+    # -- action optimisation
+    #: N, base-policy samples per state (one ``sample`` call for the whole batch).
+    num_samples: int = 32
+    #: k, samples kept by critic value for the local optimisation.
+    top_k: int = 10
+    #: T, gradient-ascent steps on the kept actions (0: global optimisation only).
+    local_steps: int = 10
+    #: eta, the step size of a <- clip(a + eta grad_a Q, -1, 1).
+    local_step_size: float = 3e-4
+    #: How the ensemble's values combine: "mean" (the authors') or "min".
+    critic_reduction: Literal["mean", "min"] = "mean"
+    #: The agent's critic that steers the optimisation: "online" (the authors') or "target".
+    optimize_with: Literal["online", "target"] = "online"
+    #: beta: acting draws among the k with P proportional to exp(Q / beta); 0 takes the argmax.
+    action_temperature: float = 1.0
+
+    # -- distillation
+    #: Supervised steps on the base policy per PA-RL iteration (``PARLAgent.distill``).
+    distill_steps: int = 1
+    #: (observation, optimised action) pairs per distillation step.
+    distill_batch: int = 32
+    #: AdamW learning rate of the distillation (the diffusion weights or the LoRA adapters).
+    distill_lr: float = 3e-4
+    #: Gradients of a distillation step are clipped to this global norm (0: no clipping).
+    distill_grad_clip_norm: float = 1.0
+    #: The newest this many pairs are kept for distillation (on the CPU).
+    distill_buffer_size: int = 10_000
+
+    # -- LoRA adapters (OpenVLA)
+    lora_rank: int = 32
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    #: Module names peft adapts; ("all-linear",) is every linear layer but the output head.
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+
+    #: Seeds the distillation's batches and noise and the acting draws.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_target_modules, (list, str)):
+            targets = (self.lora_target_modules,) if isinstance(self.lora_target_modules, str) \
+                else tuple(self.lora_target_modules)
+            object.__setattr__(self, "lora_target_modules", targets)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(condition: bool, name: str, rule: str) -> None:
+            if not condition:
+                raise ValueError(f"PARLConfig.{name}: {rule}, got {getattr(self, name)!r}")
+
+        for name in ("num_samples", "top_k", "distill_steps", "distill_batch", "distill_buffer_size", "lora_rank",
+                     "distill_every_updates"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(self.top_k <= self.num_samples, "top_k", f"must not exceed num_samples ({self.num_samples})")
+        need(_is_int(self.local_steps) and self.local_steps >= 0, "local_steps", "must be an integer >= 0")
+        need(_is_real(self.local_step_size) and self.local_step_size >= 0, "local_step_size",
+             "must be a finite number >= 0")
+        need(self.critic_reduction in ("mean", "min"), "critic_reduction", "must be one of mean, min")
+        need(self.optimize_with in ("online", "target"), "optimize_with", "must be one of online, target")
+        need(_is_real(self.action_temperature) and self.action_temperature >= 0, "action_temperature",
+             "must be a finite number >= 0 (0: argmax)")
+        need(_is_real(self.distill_lr) and self.distill_lr > 0, "distill_lr", "must be a positive number")
+        need(_is_real(self.distill_grad_clip_norm) and self.distill_grad_clip_norm >= 0, "distill_grad_clip_norm",
+             "must be a number >= 0 (0: no clipping)")
+        need(_is_real(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be a positive number")
+        need(_is_real(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must lie in [0, 1)")
+        need(len(self.lora_target_modules) > 0
+             and all(isinstance(name, str) and name for name in self.lora_target_modules),
+             "lora_target_modules", "must be a non-empty list of module names")
+        need(_is_int(self.seed), "seed", "must be an integer")
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON-able data (checkpoint metadata)."""
+        from hardware_configs.loader import to_dict
+
+        return to_dict(self)
+
+
 @dataclass(frozen=True)
 class LearnerConfig:
     """The learner process: what it trains on, where it listens, how often it publishes."""
 
-    algorithm: Literal["sac"] = "sac"
+    # sac: SAC/RLPD trains the Gaussian policy the actor runs (learner/sac.py). parl: PA-RL
+    # fine-tunes the base policy of learner.parl with a critic built from learner.sac; the actor
+    # runs the base policy steered by that critic (learner/parl.py).
+    algorithm: Literal["sac", "parl"] = "sac"
     sac: SACConfig = field(default_factory=SACConfig)
+    parl: PARLConfig = field(default_factory=PARLConfig)
     # Observation fields the networks see; empty: every field of the robot's observation.
     observation_keys: tuple[str, ...] = ()
     replay_capacity: int = 200_000
@@ -742,6 +846,15 @@ class LearnerConfig:
             raise ValueError("replay_capacity must be at least 1000")
         if self.intervention_capacity < 100:
             raise ValueError("intervention_capacity must be at least 100")
+        if self.algorithm == "parl":
+            if not self.parl.base_policy:
+                raise ValueError("parl.base_policy: algorithm parl fine-tunes a base policy: give its directory")
+            if self.sac.gripper_critic.enabled:
+                raise ValueError("sac.gripper_critic.enabled: PA-RL optimises every action dimension with the "
+                                 "continuous critic; the discrete gripper head is not supported")
+            if self.warm_start.enabled:
+                raise ValueError("warm_start: a warm start loads a SAC/Cal-QL policy and critic; with algorithm parl "
+                                 "the base policy acts (warm-starting PA-RL's critic is not supported yet)")
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,8 @@ from transport.spaces import RobotSpaces
 log = logging.getLogger("steerl.learner")
 
 KEEP_CHECKPOINTS = 2
+# PA-RL checkpoints: the base policy's directory (its own save) as distilled so far.
+BASE_POLICY_DIR = "base_policy"
 LOG_EVERY_S = 10.0
 # Per actor stream, the episodes whose replay rows are remembered so that they can be discarded.
 EPISODE_ROWS_MEMORY = 8
@@ -131,16 +133,22 @@ def latest_checkpoint(path: str | Path) -> Path:
 
 
 def load_policy_from_checkpoint(config: SessionConfig, path: str | Path):
-    """The deterministic-capable actor policy of a checkpoint, and the observation keys it reads."""
+    """The deterministic-capable actor policy of a checkpoint (or ``best_policy``), and the
+    observation keys it reads: the SAC policy, or PA-RL's steered base policy."""
     from policies.gaussian import TanhGaussianPolicy, load_policy_bytes
 
     directory = latest_checkpoint(path)
     try:
         meta = json.loads((directory / "learner.json").read_text())
         spaces = RobotSpaces.from_json(meta["spaces"])
+        blob = (directory / "policy.safetensors").read_bytes()
+        if meta.get("algorithm", "sac") == "parl":
+            from policies.base import policy_from_bytes
+
+            return policy_from_bytes(blob), tuple(spaces.observation)
         policy = TanhGaussianPolicy(config.learner.sac, spaces.observation_space(), spaces.action_space(),
                                     seed=config.seed)
-        load_policy_bytes(policy, (directory / "policy.safetensors").read_bytes())
+        load_policy_bytes(policy, blob)
     except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{directory}: cannot load the policy: {error}") from None
     policy.eval()
@@ -152,13 +160,15 @@ def write_best_policy(run_dir: str | Path, weights: bytes, best_eval: dict) -> P
     newest checkpoint; returns its path."""
     source = latest_checkpoint(run_dir)
     try:
-        spaces = json.loads((source / "learner.json").read_text())["spaces"]
+        meta = json.loads((source / "learner.json").read_text())
+        spaces, algorithm = meta["spaces"], meta.get("algorithm", "sac")
     except (OSError, KeyError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{source}: cannot read the spaces for the best policy: {error}") from None
 
     def write(staging: Path) -> None:
         write_durably(staging / "policy.safetensors", weights)
-        write_durably(staging / "learner.json", json.dumps({"spaces": spaces, "best_eval": best_eval}, indent=1).encode())
+        write_durably(staging / "learner.json", json.dumps({"spaces": spaces, "algorithm": algorithm,
+                                                            "best_eval": best_eval}, indent=1).encode())
 
     return write_directory_atomically(Path(run_dir) / "best_policy", write)
 
@@ -219,6 +229,8 @@ class Learner:
         self.q_log: QValueLog | None = None
         self.failure: Exception | None = None
         self._pretrained: PretrainedCheckpoint | None = None
+        # PA-RL resuming: the base policy as distilled until the checkpoint.
+        self._base_policy_dir: Path | None = None
         if self.warm_start.enabled:
             resuming_own = resume and any(self.checkpoint_dir.glob("ckpt-*[0-9]"))
             if resuming_own:
@@ -242,7 +254,7 @@ class Learner:
             self.service.set_spaces(spaces)
             try:
                 self._build(spaces)
-            except WarmStartError:
+            except (WarmStartError, ConfigError):
                 self.close()
                 raise
         replayed = self.service.replay_log()
@@ -255,11 +267,12 @@ class Learner:
         return self.service.address
 
     def _spaces_announced(self, spaces: RobotSpaces) -> None:
-        """The first actor's spaces: build. A warm-start checkpoint that does not fit them stops
-        the learner (the actor is refused with the reason; :meth:`run` raises it)."""
+        """The first actor's spaces: build. A warm-start checkpoint or a PA-RL base policy that
+        does not fit them stops the learner (the actor is refused with the reason; :meth:`run`
+        raises it)."""
         try:
             self._build(spaces)
-        except WarmStartError as error:
+        except (WarmStartError, ConfigError) as error:
             log.error("%s", error)
             self.failure = error
             self.stop()
@@ -283,8 +296,11 @@ class Learner:
             write_durably(self._spaces_file, json.dumps(spaces.to_json()).encode())
         selected = spaces.select(self.keys)
         observation_space, action_space = selected.observation_space(), selected.action_space()
-        agent = SACAgent(self.settings.sac, observation_space, action_space, device=self.device,
-                         seed=self.config.seed)
+        if self.settings.algorithm == "parl":
+            agent = self._parl_agent(selected)
+        else:
+            agent = SACAgent(self.settings.sac, observation_space, action_space, device=self.device,
+                             seed=self.config.seed)
         if self.warm_start.enabled:
             if self._pretrained is not None:
                 self.warm_started_from = load_warm_start(agent, self.warm_start, self._pretrained)
@@ -304,6 +320,27 @@ class Learner:
         self.service.publish(self.agent.publish_policy(), self.updates)
         log.info("learner ready: %s, observation %s, action %s, device %s", self.settings.algorithm,
                  {k: tuple(v.shape) for k, v in selected.observation.items()}, tuple(selected.action.shape), self.device)
+
+    def _parl_agent(self, spaces: RobotSpaces) -> SACAgent:
+        """PA-RL: the base policy (from the run's checkpoint when resuming, else
+        ``learner.parl.base_policy``) steered and distilled by a critic built from ``learner.sac``."""
+        from learner.parl import PARLAgent
+        from policies.base import load_policy
+
+        source = self._base_policy_dir or Path(self.settings.parl.base_policy)
+        try:
+            base = load_policy(source, self.device)
+        except (OSError, ValueError, KeyError) as error:
+            raise ConfigError(f"learner.parl.base_policy: {source}: cannot load the base policy: {error}") from None
+        reads = tuple(getattr(base, "observation_keys", ()) or ())
+        if reads:
+            missing = sorted(set(reads) - set(spaces.observation))
+            if missing:
+                raise ConfigError(f"learner.parl.base_policy: {source} reads {', '.join(missing)}, which "
+                                  "learner.observation_keys leaves out of the replay: add them")
+        log.info("PA-RL: fine-tuning the %s policy of %s", base.kind, source)
+        return PARLAgent(self.settings.parl, base, spaces.observation_space(), spaces.action_space(),
+                         sac=self.settings.sac, device=self.device, seed=self.config.seed)
 
     def _announce_warm_start(self) -> None:
         """Log how a warm-started run samples, and head the Q log with where it started from."""
@@ -420,6 +457,8 @@ class Learner:
             self._log_q_values(batch, from_offline)
         metrics = self.agent.update(batch)
         self.updates += 1
+        if self.settings.algorithm == "parl" and self.updates % self.settings.parl.distill_every_updates == 0:
+            metrics.update(self.agent.distill())
         self.service.learner_updates = self.updates
         if self.updates % self.settings.publish_every_updates == 0:
             self.service.publish(self.agent.publish_policy(), self.updates)
@@ -498,6 +537,8 @@ class Learner:
         staging.mkdir(parents=True)
         save_agent(self.agent, staging)
         (staging / "policy.safetensors").write_bytes(self.agent.publish_policy())
+        if self.settings.algorithm == "parl":
+            self.agent.base_policy.save(staging / BASE_POLICY_DIR)  # distilled so far
         self.online.save(staging / "online")
         if self.demos is not None:
             self.demos.save(staging / "demos")
@@ -505,6 +546,7 @@ class Learner:
             self.interventions.save(staging / "interventions")
         meta = {
             "format": 1,
+            "algorithm": self.settings.algorithm,
             "updates": self.updates,
             "transitions_received": self.service.transitions_received,
             "weights_version": self.service.weights_version,
@@ -557,6 +599,8 @@ class Learner:
         self.keys = tuple(meta["observation_keys"])
         self.updates = int(meta["updates"])
         self.service.set_spaces(spaces)
+        if (directory / BASE_POLICY_DIR).is_dir():
+            self._base_policy_dir = directory / BASE_POLICY_DIR
         self._build(spaces)
         assert self.agent is not None
         load_agent(self.agent, directory)

@@ -62,11 +62,9 @@ PA-RL section: this module holds the algorithm; :meth:`PARLAgent.update` and
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Mapping, Optional, Protocol, Union, runtime_checkable
 
 import numpy as np
 import safetensors
@@ -76,8 +74,8 @@ from gymnasium import spaces
 from torch import nn
 
 from hardware_configs.loader import ConfigError, load_dataclass, load_yaml, to_dict
-from hardware_configs.schema import SACConfig
-from learner.sac import CriticEnsemble, SACAgent, TorchBatch, batch_to_torch
+from hardware_configs.schema import PARLConfig, SACConfig
+from learner.sac import CriticEnsemble, SACAgent, TorchBatch, json_safe, batch_to_torch
 from policies.base import (
     POLICY_FILE,
     Policy,
@@ -85,6 +83,7 @@ from policies.base import (
     SeededGenerators,
     load_policy,
     observations_to_tensors,
+    policy_to_bytes,
     read_policy_file,
     register_policy,
     write_policy_file,
@@ -104,113 +103,6 @@ ACTION_LOW, ACTION_HIGH = -1.0, 1.0
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class PARLConfig:
-    """PA-RL hyper-parameters (the math is in the module docstring); validated on construction,
-    errors name the field (``PARLConfig.top_k: ...``). YAML files load with :func:`load_parl_config`."""
-
-    # -- action optimisation
-    #: N, base-policy samples per state (one ``sample`` call for the whole batch).
-    num_samples: int = 32
-    #: k, samples kept by critic value for the local optimisation.
-    top_k: int = 10
-    #: T, gradient-ascent steps on the kept actions (0: global optimisation only).
-    local_steps: int = 10
-    #: eta, the step size of a <- clip(a + eta grad_a Q, -1, 1).
-    local_step_size: float = 3e-4
-    #: How the ensemble's values combine: "mean" (the authors') or "min".
-    critic_reduction: Literal["mean", "min"] = "mean"
-    #: The agent's critic that steers the optimisation: "online" (the authors') or "target".
-    optimize_with: Literal["online", "target"] = "online"
-    #: beta: acting draws among the k with P proportional to exp(Q / beta); 0 takes the argmax.
-    action_temperature: float = 1.0
-
-    # -- critic
-    #: The critic networks and their update (discount, learning rate, ensemble, subset, UTD);
-    #: ``backup_entropy`` is ignored (no entropy terms) and the discrete gripper head is not supported.
-    sac: SACConfig = field(default_factory=SACConfig)
-    #: Observation fields the critic sees (empty: all); the base policy reads its own fields.
-    observation_keys: tuple[str, ...] = ()
-
-    # -- distillation
-    #: Supervised steps on the base policy per PA-RL iteration (``PARLAgent.distill``).
-    distill_steps: int = 1
-    #: (observation, optimised action) pairs per distillation step.
-    distill_batch: int = 32
-    #: AdamW learning rate of the distillation (the diffusion weights or the LoRA adapters).
-    distill_lr: float = 3e-4
-    #: Gradients of a distillation step are clipped to this global norm (0: no clipping).
-    distill_grad_clip_norm: float = 1.0
-    #: The newest this many pairs are kept for distillation (on the CPU).
-    distill_buffer_size: int = 10_000
-
-    # -- LoRA adapters (OpenVLA)
-    lora_rank: int = 32
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    #: Module names peft adapts; ("all-linear",) is every linear layer but the output head.
-    lora_target_modules: tuple[str, ...] = ("all-linear",)
-
-    #: Seeds the distillation's batches and noise and the acting draws.
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.observation_keys, list):
-            object.__setattr__(self, "observation_keys", tuple(self.observation_keys))
-        if isinstance(self.lora_target_modules, (list, str)):
-            targets = (self.lora_target_modules,) if isinstance(self.lora_target_modules, str) \
-                else tuple(self.lora_target_modules)
-            object.__setattr__(self, "lora_target_modules", targets)
-        self.validate()
-
-    def validate(self) -> None:
-        def need(condition: bool, name: str, rule: str) -> None:
-            if not condition:
-                raise ValueError(f"PARLConfig.{name}: {rule}, got {getattr(self, name)!r}")
-
-        for name in ("num_samples", "top_k", "distill_steps", "distill_batch", "distill_buffer_size", "lora_rank"):
-            need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be an integer >= 1")
-        need(self.top_k <= self.num_samples, "top_k", f"must not exceed num_samples ({self.num_samples})")
-        need(_is_int(self.local_steps) and self.local_steps >= 0, "local_steps", "must be an integer >= 0")
-        need(_is_real(self.local_step_size) and self.local_step_size >= 0, "local_step_size",
-             "must be a finite number >= 0")
-        need(self.critic_reduction in REDUCTIONS, "critic_reduction", f"must be one of {', '.join(REDUCTIONS)}")
-        need(self.optimize_with in NETWORKS, "optimize_with", f"must be one of {', '.join(NETWORKS)}")
-        need(_is_real(self.action_temperature) and self.action_temperature >= 0, "action_temperature",
-             "must be a finite number >= 0 (0: argmax)")
-        need(isinstance(self.sac, SACConfig), "sac", "must be a SACConfig")
-        try:
-            self.sac.validate()
-        except ValueError as error:
-            raise ValueError(f"PARLConfig.sac: {error}") from None
-        if self.sac.gripper_critic.enabled:
-            raise ValueError("PARLConfig.sac.gripper_critic.enabled: PA-RL optimises every action dimension "
-                             "with the continuous critic; the discrete gripper head is not supported")
-        need(all(isinstance(key, str) and key for key in self.observation_keys), "observation_keys",
-             "must be non-empty field names")
-        need(_is_real(self.distill_lr) and self.distill_lr > 0, "distill_lr", "must be a positive number")
-        need(_is_real(self.distill_grad_clip_norm) and self.distill_grad_clip_norm >= 0, "distill_grad_clip_norm",
-             "must be a number >= 0 (0: no clipping)")
-        need(_is_real(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be a positive number")
-        need(_is_real(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must lie in [0, 1)")
-        need(len(self.lora_target_modules) > 0
-             and all(isinstance(name, str) and name for name in self.lora_target_modules),
-             "lora_target_modules", "must be a non-empty list of module names")
-        need(_is_int(self.seed), "seed", "must be an integer")
-
-    def extras(self) -> dict[str, Any]:
-        """The PA-RL fields without ``sac`` (JSON-able), e.g. for checkpoint metadata."""
-        return {name: value for name, value in to_dict(self).items() if name != "sac"}
 
 
 def load_parl_config(path: str | Path) -> PARLConfig:
@@ -712,7 +604,7 @@ class PARLActingPolicy(Policy):
         return self
 
     def sample(self, observations: PolicyInput, num_samples: int, deterministic: bool = False) -> torch.Tensor:
-        if not _is_int(num_samples) or num_samples < 1:
+        if not isinstance(num_samples, numbers.Integral) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         actions, values, self.last_info = optimize_actions(self.base, self._steering, observations, self.config)
         beta = self.config.action_temperature
@@ -784,9 +676,12 @@ class PARLAgent(SACAgent):
     warm-starts this agent (``load_checkpoint``). The base policy is saved by its own ``save``.
 
     Args:
-        config: PA-RL settings; ``config.sac`` builds the critic as ``SACAgent`` does.
+        config: PA-RL settings.
         base_policy: the policy to improve (any :class:`DistillablePolicy`).
         observation_space, action_space, device, seed: as for ``SACAgent``.
+        sac, observation_keys: the critic's networks and update (discount, learning rate, ensemble,
+            subset, UTD; ``backup_entropy`` is ignored: no entropy terms) and the fields it sees,
+            as ``SACAgent`` takes them (a session passes ``learner.sac`` and ``learner.observation_keys``).
         distill_module: the module distillation trains, for a policy class
             :func:`distillation_module` does not know.
     """
@@ -797,13 +692,18 @@ class PARLAgent(SACAgent):
         base_policy: Policy,
         observation_space: spaces.Dict,
         action_space: spaces.Box,
+        sac: SACConfig = SACConfig(),
+        observation_keys: tuple[str, ...] = (),
         device: torch.device | str = "cpu",
         seed: int = 0,
         distill_module: Optional[nn.Module] = None,
     ) -> None:
         config.validate()
-        super().__init__(dataclasses.replace(config.sac, backup_entropy=False), observation_space, action_space,
-                         config.observation_keys, device, seed)
+        if sac.gripper_critic.enabled:
+            raise ValueError("sac.gripper_critic.enabled: PA-RL optimises every action dimension with the continuous "
+                             "critic; the discrete gripper head is not supported")
+        super().__init__(dataclasses.replace(sac, backup_entropy=False), observation_space, action_space,
+                         observation_keys, device, seed)
         if base_policy.action_dim != self.policy.action_dim:
             raise ValueError(f"the base policy acts in {base_policy.action_dim} dimensions, the action space has "
                              f"{self.policy.action_dim}")
@@ -899,12 +799,42 @@ class PARLAgent(SACAgent):
         return PARLActingPolicy(self.base_policy, QCritic.from_agent(self, self.parl_config.optimize_with),
                                 self.parl_config)
 
+    def publish_policy(self) -> bytes:
+        """What the actor runs: :meth:`acting_policy` packed by :func:`policies.base.policy_to_bytes`
+        (the base policy's directory and the steering critic's)."""
+        return policy_to_bytes(self.acting_policy())
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """SAC's tensors plus the distillation optimiser's moments (``distill_optimizer.<i>.<field>``);
+        the base policy's own weights are saved by its ``save`` (the learner's checkpoint does it)."""
+        tensors = super().checkpoint_tensors()
+        for index, fields in self.distiller.optimizer.state_dict()["state"].items():
+            for name, value in fields.items():
+                tensors[f"distill_optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
+        return tensors
+
     def checkpoint_meta(self) -> dict[str, Any]:
-        """SAC's metadata (the same format) plus the PA-RL settings."""
+        """SAC's metadata (the same format) plus the PA-RL settings and the distillation's state."""
         meta = super().checkpoint_meta()
         meta["algorithm"] = ALGORITHM
-        meta["parl"] = self.parl_config.extras()
+        meta["parl"] = self.parl_config.to_json()
+        meta["distill_steps"] = self.distiller.steps
+        meta["distill_param_groups"] = json_safe(self.distiller.optimizer.state_dict()["param_groups"])
         return meta
+
+    def load_checkpoint(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`checkpoint_tensors` / :meth:`checkpoint_meta` (the base policy's weights
+        are loaded with the policy, before)."""
+        prefix = "distill_optimizer."
+        super().load_checkpoint({k: v for k, v in tensors.items() if not k.startswith(prefix)}, meta)
+        if "distill_param_groups" in meta:
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    index, field_name = key[len(prefix):].split(".", 1)
+                    state.setdefault(int(index), {})[field_name] = value
+            self.distiller.optimizer.load_state_dict({"state": state, "param_groups": meta["distill_param_groups"]})
+            self.distiller.steps = int(meta.get("distill_steps", 0))
 
 
 __all__ = [

@@ -532,7 +532,7 @@ class SACAgent:
             "target_entropy": self.target_entropy,
             "state_normalized": self.state_normalized,
             "optimizers": {
-                name: {"param_groups": _json_safe(optimizer.state_dict()["param_groups"])}
+                name: {"param_groups": json_safe(optimizer.state_dict()["param_groups"])}
                 for name, optimizer in self._optimizers().items()
             },
         }
@@ -569,12 +569,12 @@ class SACAgent:
         self.load_checkpoint(state["tensors"], state["meta"])
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Tuples -> lists, tensors/numpy scalars -> Python numbers, recursively."""
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.item()
     if isinstance(value, np.generic):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar, Union
 
@@ -198,6 +199,41 @@ def read_policy_file(directory: str | Path) -> dict[str, Any]:
     if not isinstance(content, dict) or not isinstance(content.get("kind"), str):
         raise ValueError(f"{path}: needs a string field 'kind'")
     return content
+
+
+POLICY_BUNDLE_FORMAT = "steerl-policy-directory/1"
+
+
+def policy_to_bytes(policy: Policy) -> bytes:
+    """A policy's whole directory (:meth:`Policy.save`) as one safetensors blob, every file a
+    ``uint8`` tensor named by its relative path: any policy kind travels in a ``Weights`` message
+    or a checkpoint file this way, with no pickle. :func:`policy_from_bytes` reverses it."""
+    with tempfile.TemporaryDirectory(prefix="steerl-policy-") as tmp:
+        policy.save(tmp)
+        files = {}
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                content = path.read_bytes()
+                files[path.relative_to(tmp).as_posix()] = (torch.frombuffer(bytearray(content), dtype=torch.uint8)
+                                                           if content else torch.zeros(0, dtype=torch.uint8))
+    return safetensors.torch.save(files, metadata={"format": POLICY_BUNDLE_FORMAT})
+
+
+def policy_from_bytes(blob: bytes, device: torch.device | str = "cpu") -> Policy:
+    """The policy :func:`policy_to_bytes` packed (any registered kind, via :func:`load_policy`)."""
+    try:
+        files = safetensors.torch.load(blob)
+    except Exception as error:  # noqa: BLE001 - safetensors raises several kinds on a bad header
+        raise ValueError(f"not a policy bundle: {error}") from None
+    with tempfile.TemporaryDirectory(prefix="steerl-policy-") as tmp:
+        root = Path(tmp).resolve()
+        for name, tensor in files.items():
+            target = (root / name).resolve()
+            if root not in target.parents or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+                raise ValueError(f"policy bundle: {name!r} is not a file of the policy directory")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tensor.numpy().tobytes())
+        return load_policy(root, device)
 
 
 def load_policy(directory: str | Path, device: torch.device | str = "cpu") -> Policy:

@@ -144,18 +144,24 @@ def goals(batch: int, seed: int = 0, low: float = -0.6, high: float = 0.6) -> np
     ({"action_temperature": -1.0}, "action_temperature"),
     ({"distill_batch": 0}, "distill_batch"),
     ({"lora_dropout": 1.0}, "lora_dropout"),
-    ({"sac": SACConfig(gripper_critic=GripperCriticConfig(enabled=True))}, "sac.gripper_critic.enabled"),
+    ({"distill_every_updates": 0}, "distill_every_updates"),
 ])
 def test_config_errors_name_the_field(changes: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"PARLConfig.{field}"):
         PARLConfig(**changes)
 
 
+def test_the_discrete_gripper_head_is_refused() -> None:
+    with pytest.raises(ValueError, match="sac.gripper_critic.enabled: PA-RL"):
+        PARLAgent(PARLConfig(num_samples=4, top_k=2), FixedCandidates(CANDIDATES), STATE_SPACE, ACTIONS_2D,
+                  sac=SACConfig(gripper_critic=GripperCriticConfig(enabled=True)))
+
+
 def test_config_file_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
     path = tmp_path / "parl.yaml"
-    path.write_text("num_samples: 8\ntop_k: 4\nsac: {num_critics: 4, critic_subset: 2}\n")
+    path.write_text("num_samples: 8\ntop_k: 4\ndistill_every_updates: 3\n")
     config = load_parl_config(path)
-    assert (config.num_samples, config.top_k, config.sac.num_critics) == (8, 4, 4)
+    assert (config.num_samples, config.top_k, config.distill_every_updates) == (8, 4, 3)
     path.write_text("num_samples: 8\ntop_k: 16\n")
     with pytest.raises(ConfigError, match=r"parl\.yaml: PARLConfig\.top_k: must not exceed num_samples"):
         load_parl_config(path)
@@ -304,9 +310,8 @@ def state_batch(rows: int, seed: int = 0) -> TorchBatch:
 def small_agent(**changes: Any) -> tuple[PARLAgent, FixedCandidates]:
     base = FixedCandidates(CANDIDATES)
     sac = SACConfig(hidden_dims=(32, 32), num_critics=4, critic_subset=2, discount=0.9, utd_ratio=2)
-    config = PARLConfig(sac=sac, num_samples=4, top_k=2, local_steps=3, local_step_size=0.2, distill_batch=4,
-                        **changes)
-    return PARLAgent(config, base, STATE_SPACE, ACTIONS_2D, seed=0, distill_module=base.module), base
+    config = PARLConfig(num_samples=4, top_k=2, local_steps=3, local_step_size=0.2, distill_batch=4, **changes)
+    return PARLAgent(config, base, STATE_SPACE, ACTIONS_2D, sac=sac, seed=0, distill_module=base.module), base
 
 
 def test_the_td_target_uses_the_optimised_next_actions() -> None:
@@ -444,10 +449,10 @@ def test_one_pa_rl_iteration_with_a_tiny_openvla_trains_its_lora_adapters(vla_ch
     image_shape = (24, 40, 3)
     observation_space = spaces.Dict({"image": spaces.Box(0, 255, image_shape, np.uint8),
                                      "state": spaces.Box(-1.0, 1.0, (3,), np.float32)})
-    config = PARLConfig(sac=SACConfig(hidden_dims=(32, 32)), observation_keys=("state",), num_samples=4, top_k=2,
-                        local_steps=2, local_step_size=0.1, distill_batch=4, distill_lr=5e-3, lora_rank=4,
-                        lora_alpha=8.0)
-    agent = PARLAgent(config, vla, observation_space, spaces.Box(-1.0, 1.0, (4,), np.float32))
+    config = PARLConfig(num_samples=4, top_k=2, local_steps=2, local_step_size=0.1, distill_batch=4, distill_lr=5e-3,
+                        lora_rank=4, lora_alpha=8.0)
+    agent = PARLAgent(config, vla, observation_space, spaces.Box(-1.0, 1.0, (4,), np.float32),
+                      sac=SACConfig(hidden_dims=(32, 32)), observation_keys=("state",))
     assert has_lora(vla.model)
     adapters = {name: p.detach().clone() for name, p in vla.model.named_parameters() if p.requires_grad}
     frozen = {name: p.detach().clone() for name, p in vla.model.named_parameters() if not p.requires_grad}

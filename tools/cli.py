@@ -123,6 +123,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         from learner.wsrl import check_warm_start
 
         check_warm_start(config.learner.warm_start, config.learner.sac)  # before the children start
+    if config.learner.algorithm == "parl" and not args.resume:  # before the children start
+        from policies.base import read_policy_file
+
+        try:
+            read_policy_file(config.learner.parl.base_policy)
+        except (OSError, ValueError, KeyError) as error:
+            raise ConfigError(f"learner.parl.base_policy: {error}") from None
     if args.save_videos < 0:
         print(f"steerl train: --save-videos must be 0 or positive, got {args.save_videos}", file=sys.stderr)
         return 2

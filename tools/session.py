@@ -56,7 +56,17 @@ def learner_process(config: SessionConfig, run_dir: Path, demos: str | None, res
 
 
 def actor_policy_loader(config: SessionConfig, spaces: RobotSpaces):
-    """``bytes -> policy``: builds the actor-side policy and loads published weights into it."""
+    """``bytes -> policy``: builds the actor-side policy from the weights the learner publishes
+    (the SAC policy's tensors, or PA-RL's packed steered base policy)."""
+    if config.learner.algorithm == "parl":
+        from policies.base import policy_from_bytes
+
+        def unpack(blob: bytes):
+            policy = policy_from_bytes(blob)
+            policy.published_bytes = blob  # what a best evaluation keeps
+            return policy
+
+        return unpack
     from policies.gaussian import TanhGaussianPolicy, load_policy_bytes
 
     template = TanhGaussianPolicy(config.learner.sac, spaces.observation_space(), spaces.action_space(),

@@ -54,9 +54,9 @@ Facts from the authors' code (github.com/MaxSobolMark/PolicyAgnosticRL,
 argmax for the TD target, a draw with logits Q (beta = 1) for acting. LoRA: rank 32, alpha
 min(rank, 16), all linear layers, Gaussian init (OpenVLA's ``vla-scripts/finetune.py``).
 
-What the online loop (``steerl train`` with a PA-RL learner) still needs is listed in the README's
-PA-RL section: this module holds the algorithm; :meth:`PARLAgent.update` and
-:meth:`PARLAgent.distill` are its two steps.
+In ``steerl train`` (``learner.algorithm: parl``) the learner calls :meth:`PARLAgent.update` on
+every batch and :meth:`PARLAgent.distill` every ``distill_every_updates`` updates, and publishes
+:meth:`PARLAgent.publish_policy` (the steered policy, packed) for the actor.
 """
 
 from __future__ import annotations

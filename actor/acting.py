@@ -9,10 +9,11 @@ network work. New weights are swapped in between steps. Every ``actor.eval_every
 episodes it runs ``actor.eval_episodes`` deterministic evaluation episodes (also shipped as data,
 marked as evaluation in their summaries, and counted in ``env_steps``: every step the robot took is).
 
-Warm start (``learner.warm_start.checkpoint`` set, learner/wsrl.py): the learner publishes the
-pre-trained policy when it is built, and the actor acts with it from the first step: no random
-steps, and :meth:`ActingLoop.run` waits (up to ``PRETRAINED_POLICY_WAIT_S``, then fails) for those
-weights rather than act before they arrive.
+Warm start (``learner.warm_start.checkpoint`` set, learner/wsrl.py) and PA-RL (``learner.algorithm:
+parl``, learner/parl.py): the learner publishes the pre-trained policy (the steered base policy)
+when it is built, and the actor acts with it from the first step: no random steps, and
+:meth:`ActingLoop.run` waits (up to ``PRETRAINED_POLICY_WAIT_S``, then fails) for those weights
+rather than act before they arrive.
 
 Human in the loop: when a teleop device overrides the policy (the env is wrapped in an
 :class:`~actor.intervention.InterventionWrapper`), the transition carries the action the robot
@@ -57,7 +58,7 @@ from transport import steerl_pb2 as pb
 
 log = logging.getLogger("steerl.actor")
 
-# With a warm start, how long run() waits for the learner's first (pre-trained) weights.
+# With a warm start or PA-RL, how long run() waits for the learner's first (pre-trained) weights.
 PRETRAINED_POLICY_WAIT_S = 60.0
 
 
@@ -174,7 +175,9 @@ class ActingLoop:
         env.action_space.seed(config.seed)
         # A warm-started run acts with the pre-trained policy from the first step.
         self.warm_start = config.learner.warm_start.enabled
-        self.random_steps = 0 if self.warm_start else config.actor.random_steps
+        # ... and so does PA-RL's base policy (learner.algorithm: parl).
+        self.acts_from_first_step = self.warm_start or config.learner.algorithm == "parl"
+        self.random_steps = 0 if self.acts_from_first_step else config.actor.random_steps
         self._stop_requested = False
 
     def _select(self, observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -366,24 +369,24 @@ class ActingLoop:
             time.sleep(0.02)
 
     def wait_for_pretrained_policy(self, timeout_s: float = PRETRAINED_POLICY_WAIT_S) -> None:
-        """Warm start: take the learner's first published weights (the pre-trained policy) before
+        """Warm start and PA-RL: take the learner's first published weights (the pre-trained policy) before
         the first step; raises ``RuntimeError`` when none arrive within ``timeout_s``."""
         if self.policy is not None or self.link is None:
             return
-        log.info("warm start: waiting up to %.0f s for the pre-trained policy from the learner", timeout_s)
+        log.info("waiting up to %.0f s for the pre-trained policy from the learner", timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:
             self._swap_policy()
             if self.policy is not None:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"warm start: no policy weights from the learner within {timeout_s:.0f} s; a "
-                                   "warm-started actor does not act without the pre-trained policy")
+                raise RuntimeError(f"no policy weights from the learner within {timeout_s:.0f} s; a "
+                                   "warm-started or PA-RL actor does not act without the pre-trained policy")
             self.operator.poll()  # an emergency stop acts at once
             if self.on_progress is not None:
                 self.on_progress(self.stats)
             time.sleep(0.02)
-        log.info("warm start: acting with the pre-trained policy (weights version %d) from the first step",
+        log.info("acting with the pre-trained policy (weights version %d) from the first step",
                  self.stats.policy_version)
 
     def request_stop(self) -> None:
@@ -394,7 +397,7 @@ class ActingLoop:
         """Act until ``total_steps`` training env steps are done (or :meth:`request_stop`)."""
         if on_progress is not None:
             self.on_progress = on_progress
-        if self.warm_start:
+        if self.acts_from_first_step:
             self.wait_for_pretrained_policy()
         start, start_steps = time.perf_counter(), self.stats.env_steps
         every = self.config.actor.eval_every_episodes

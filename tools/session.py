@@ -301,15 +301,22 @@ def run_evaluation(config: SessionConfig, checkpoint: str | Path, episodes: int,
     (episode seeds drawn from ``seed``, default ``config.seed``)."""
     from learner.learner import load_policy_from_checkpoint
 
+    policy, keys = load_policy_from_checkpoint(config, checkpoint)
+    return evaluate_policy(config, policy, keys, episodes, env_id, seed)
+
+
+def evaluate_policy(config: SessionConfig, policy, keys: tuple[str, ...], episodes: int, env_id: str | None = None,
+                    seed: int | None = None, deterministic: bool = True) -> dict:
+    """Success rate and mean return of ``policy`` (anything with ``act(observation, deterministic)``
+    reading ``keys``) over ``episodes`` episodes on the config's robot, seeds drawn from ``seed``."""
     with ExitStack() as stack:
         env = open_env(config, env_id, stack)
         stack.callback(env.close)
-        policy, keys = load_policy_from_checkpoint(config, checkpoint)
         loop = ActingLoop(config, env, None, keys, episode_seed=seed)
         loop.policy = policy
         returns, successes = [], []
         for _ in range(episodes):
-            episode_return, _, success = loop.run_episode(deterministic=True)
+            episode_return, _, success = loop.run_episode(deterministic=deterministic)
             returns.append(episode_return)
             successes.append(success)
     return {"episodes": episodes, "success_rate": float(np.mean(successes)), "mean_return": float(np.mean(returns))}

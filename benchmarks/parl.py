@@ -5,13 +5,14 @@
    episodes with noise on most of them, failures kept (or ``--data`` an existing buffer).
 2. Behaviour cloning of a diffusion policy on all of it (PA-RL's shape: ``horizon`` 1, one
    observation), the imperfect starting point.
-3. Its success over ``--eval-episodes`` held-out episodes: the "before".
+3. Its success over ``--eval-episodes`` held-out episodes, actions sampled: the "before".
 4. ``steerl train`` with PA-RL for ``--steps`` online env steps (robot server, learner and actor
    processes, the offline data as the demo buffer): the learner samples N actions of the base,
    keeps the critic's top k, refines them by gradient ascent, trains the critic on them and
    distils them into the base; the actor acts with the steered policy.
 5. The "after", on the same held-out episodes: the steered policy of the final checkpoint (what
-   ``steerl eval`` loads) and, for reference, the distilled base policy alone. The learner's
+   ``steerl eval`` loads: the best of the optimised actions) and, for reference, the distilled base
+   policy alone (sampled). The learner's
    logged critic gain of the action optimisation (mean Q of the optimised actions minus that of
    the base samples) is read from its TensorBoard scalars.
 
@@ -141,9 +142,14 @@ def main(argv: list[str] | None = None) -> int:
                      "config": dataclasses.asdict(bc_config)}
 
     # 3. before
+    # A diffusion policy acts by sampling (its "deterministic" mode denoises from zero noise, an
+    # average of the modes that does worse here): the sampled policy is the starting point.
     print(f"3. the BC policy over {args.eval_episodes} held-out episodes", flush=True)
-    results["before"] = evaluate_policy(config, base, keys, args.eval_episodes, seed=HELD_OUT_SEED)
-    print(f"   success {results['before']['success_rate']:.0%}", flush=True)
+    results["before"] = evaluate_policy(config, base, keys, args.eval_episodes, seed=HELD_OUT_SEED,
+                                        deterministic=False)
+    results["before_zero_noise"] = evaluate_policy(config, base, keys, args.eval_episodes, seed=HELD_OUT_SEED)
+    print(f"   success {results['before']['success_rate']:.0%} sampled, "
+          f"{results['before_zero_noise']['success_rate']:.0%} from zero noise", flush=True)
 
     # 4. online PA-RL
     parl = PARLConfig(base_policy=str((work / "base").resolve()), num_samples=args.num_samples, top_k=args.top_k,
@@ -162,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. the distilled base alone, and the critic gain
     distilled = load_policy(latest_checkpoint(work / "parl") / BASE_POLICY_DIR)
-    results["after_distilled_base"] = evaluate_policy(config, distilled, keys, args.eval_episodes, seed=HELD_OUT_SEED)
+    results["after_distilled_base"] = evaluate_policy(config, distilled, keys, args.eval_episodes, seed=HELD_OUT_SEED,
+                                                      deterministic=False)
     gains = learner_scalars(work / "parl", "learner/critic_gain")
     results["critic_gain"] = {"mean": float(np.mean(gains)) if gains else None, "logged": len(gains),
                               "first": gains[0] if gains else None, "last": gains[-1] if gains else None}

@@ -741,7 +741,7 @@ class PARLAgent(SACAgent):
 
     def update(self, batch: Any) -> dict[str, float]:
         """``utd_ratio`` critic steps on consecutive minibatches, then the optimised actions at the
-        last minibatch's states go to :attr:`pairs`. Returns float metrics: the critic's
+        first ``distill_batch`` states of the last minibatch go to :attr:`pairs`. Returns float metrics: the critic's
         (``critic_loss``, ``q_mean``, ``td_target_mean``), ``next_critic_gain`` (the TD target
         optimisation's) and ``critic_gain``, ``q_base``, ``q_optimized`` (the stored actions')."""
         data = batch if isinstance(batch, TorchBatch) else self.batch_to_torch(batch)
@@ -757,8 +757,11 @@ class PARLAgent(SACAgent):
             metrics, next_info = self._critic_step_with_optimized_targets(minibatch)
             critic_metrics.append(metrics)
             next_gains.append(next_info["critic_gain"])
-        actions, _, info = self.optimize(minibatch.observations)
-        self.pairs.add(minibatch.observations, actions[:, 0])
+        # Distillation draws distill_batch pairs per step: optimising more states than that here
+        # would cost base-policy samples the buffer's turnover does not need.
+        kept = minibatch.rows(0, min(size, self.parl_config.distill_batch))
+        actions, _, info = self.optimize(kept.observations)
+        self.pairs.add(kept.observations, actions[:, 0])
         self.update_count += 1
         critic_loss, q_mean, target_mean = torch.stack(critic_metrics).mean(dim=0).tolist()
         return {"critic_loss": critic_loss, "q_mean": q_mean, "td_target_mean": target_mean,

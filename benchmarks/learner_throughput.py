@@ -110,14 +110,7 @@ def windowed_rate(step: Callable[[int], Any], warmup: int, windows: int, per_win
 
 
 def median_seconds(call: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return float(np.median(machine.time_calls(call, repeats, warmup)))
 
 
 def matmul_flops_per_s(repeats: int) -> float:

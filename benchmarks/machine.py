@@ -6,8 +6,9 @@ import datetime
 import json
 import os
 import platform
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,6 +42,18 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     }
     info.update(extra)
     return info
+
+
+def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 3) -> np.ndarray:
+    """Seconds of each of ``repeats`` calls of ``call`` (after ``warmup`` untimed ones)."""
+    for _ in range(warmup):
+        call()
+    seconds = np.empty(repeats)
+    for index in range(repeats):
+        started = time.perf_counter()
+        call()
+        seconds[index] = time.perf_counter() - started
+    return seconds
 
 
 def write_json(path: Path | None, results: dict[str, Any]) -> None:

@@ -70,7 +70,7 @@ sys.path.insert(0, str(REPO))
 
 from actor.env import make_env  # noqa: E402
 from actor.rollout import Episode, play_episode, record_episodes  # noqa: E402
-from benchmarks.machine import machine_info, print_targets, write_json  # noqa: E402
+from benchmarks.machine import machine_info, print_targets, time_calls, write_json  # noqa: E402
 from benchmarks.sac_sweep import inproc_config, with_override  # noqa: E402
 from hardware_configs.schema import GripperCriticConfig, SessionConfig  # noqa: E402
 from learner.calql import CalQLConfig, save_offline_checkpoint, train_offline  # noqa: E402
@@ -332,14 +332,7 @@ def evaluate(env: gym.Env, actor: StepActor, episodes: int, label: str) -> dict[
 
 
 def latency_ms(select: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
-    for _ in range(warmup):
-        select()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        select()
-        times.append(time.perf_counter() - started)
-    times_ms = 1e3 * np.asarray(times)
+    times_ms = 1e3 * time_calls(select, repeats, warmup)
     return {"p50_ms": float(np.median(times_ms)), "p90_ms": float(np.percentile(times_ms, 90)),
             "min_ms": float(times_ms.min()), "repeats": repeats}
 

@@ -240,3 +240,18 @@ def test_scale_benchmark_quick(tmp_path: Path) -> None:
         assert run["missing"] == 0 and run["weights_bytes"] > 0 and 100 < run["bytes_per_transition"] < 10_000
     assert results["ratios"]["collect_2_over_1"] == runs[2]["steps_per_s"] / runs[1]["steps_per_s"]
     assert "no missing transition in any run" in results["targets"]
+
+
+def test_parl_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "parl.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "parl.py"), "--quick", "--work-dir", str(tmp_path / "work"),
+         "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["quick"] is True and results["parl"]["env_steps"] >= 300
+    for key in ("before", "before_zero_noise", "after", "after_distilled_base"):
+        assert results[key]["episodes"] == 3 and 0.0 <= results[key]["success_rate"] <= 1.0
+    assert results["critic_gain"]["logged"] >= 1 and results["critic_gain"]["mean"] >= 0.0  # >= 0 by construction
+    assert results["success_gain"] == results["after"]["success_rate"] - results["before"]["success_rate"]
+    assert len(results["targets"]) == 2

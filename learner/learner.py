@@ -503,6 +503,8 @@ class Learner:
                     last_log, window_start, window_updates = now, now, 0
         finally:
             if self.agent is not None:
+                if self._last_metrics:  # the last window's metrics, however short it was
+                    self._log_metrics(window_updates / max(1e-9, time.monotonic() - window_start))
                 self.checkpoint()
             self.close()
         if self.failure is not None:

@@ -81,6 +81,7 @@ from policies.base import (
     Policy,
     PolicyInput,
     SeededGenerators,
+    SteeredPolicy,
     load_policy,
     observations_to_tensors,
     policy_to_bytes,
@@ -563,7 +564,7 @@ class DistillationBuffer:
 
 
 @register_policy("parl")
-class PARLActingPolicy(Policy):
+class PARLActingPolicy(SteeredPolicy):
     """The base policy's optimised actions (module docstring, "Acting").
 
     ``sample`` runs :func:`optimize_actions` and returns the best optimised action in every slot
@@ -593,15 +594,6 @@ class PARLActingPolicy(Policy):
         self.action_dim = base.action_dim
         self.last_info: dict[str, float] = {}
         self._generator = SeededGenerators(config.seed)
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.device
-
-    def to(self, device: torch.device | str) -> "PARLActingPolicy":
-        self.base.to(device)
-        self.critic.to(device)
-        return self
 
     def sample(self, observations: PolicyInput, num_samples: int, deterministic: bool = False) -> torch.Tensor:
         if not isinstance(num_samples, numbers.Integral) or isinstance(num_samples, bool) or num_samples < 1:

@@ -105,6 +105,23 @@ class Policy(abc.ABC):
         return action.float().cpu().numpy()
 
 
+class SteeredPolicy(Policy):
+    """A base policy whose samples a critic chooses among (V-GPS, PA-RL's acting policy): the
+    two live on the base policy's device and move together. Subclasses set ``base`` and ``critic``."""
+
+    base: Policy
+    critic: Any
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def to(self, device: torch.device | str) -> "SteeredPolicy":
+        self.base.to(device)
+        self.critic.to(device)
+        return self
+
+
 def batch_of_one(value: Any) -> Any:
     """Add a leading batch dimension of one to an array, a tensor or a string."""
     if isinstance(value, str):

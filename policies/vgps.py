@@ -81,6 +81,7 @@ from policies.base import (
     Policy,
     PolicyInput,
     SeededGenerators,
+    SteeredPolicy,
     load_policy,
     observations_to_tensors,
     read_policy_file,
@@ -356,7 +357,7 @@ class VGPSSample:
 
 
 @register_policy("vgps")
-class VGPSPolicy(Policy):
+class VGPSPolicy(SteeredPolicy):
     """A base policy steered by a critic (module docstring).
 
     Args:
@@ -385,15 +386,6 @@ class VGPSPolicy(Policy):
         self._generator = SeededGenerators(config.seed)
 
     # -- the Policy interface ---------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.device
-
-    def to(self, device: torch.device | str) -> "VGPSPolicy":
-        self.base.to(device)
-        self.critic.to(device)
-        return self
 
     def sample(self, observations: PolicyInput, num_samples: int, deterministic: bool = False) -> torch.Tensor:
         """``[B, num_samples, A]``: independent choices among one set of K candidates."""

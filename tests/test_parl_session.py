@@ -156,3 +156,37 @@ def test_steerl_train_runs_a_pa_rl_session(tmp_path) -> None:
     meta = json.loads((latest_checkpoint(tmp_path / "run") / "learner.json").read_text())
     assert meta["algorithm"] == "parl" and meta["updates"] > 50
     assert (latest_checkpoint(tmp_path / "run") / BASE_POLICY_DIR / "policy.json").exists()
+
+
+def test_an_operator_intervenes_during_pa_rl_fine_tuning(tmp_path) -> None:
+    """The teleop path is the algorithm's business as little as the robot server's: a simulated
+    operator steers a PA-RL actor, and what it executed reaches the intervention buffer."""
+    from actor.env import make_env
+    from actor.intervention import InterventionWrapper
+    from actor.simulated_operator import SimulatedOperator
+    from hardware_configs.teleop import load_teleop_config
+    from test_hil import LearnerThread, pick_cube_config, wait_for_rows
+
+    config = pick_cube_config()
+    env = make_env(config)
+    seen = RobotSpaces.from_gym(env.observation_space, env.action_space).select(config.learner.observation_keys)
+    DiffusionPolicy(SMALL_DIFFUSION, seen.observation_space(), seen.action_space(), seed=0).save(tmp_path / "base")
+    parl = PARLConfig(base_policy=str(tmp_path / "base"), num_samples=4, top_k=2, local_steps=1)
+    config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, algorithm="parl", parl=parl))
+    learner = LearnerThread(config, tmp_path / "run")
+    operator = SimulatedOperator(load_teleop_config("simulated_operator"), config.robot)
+    wrapped = InterventionWrapper(env, operator)
+    loop, link = start_acting(config, wrapped, "actor-hil", RobotSpaces.from_gym(
+        wrapped.observation_space, wrapped.action_space).select(config.learner.observation_keys))
+    try:
+        loop.run(150)
+        assert link.flush(60)
+        wait_for_rows(learner.learner, loop.stats.env_steps)
+        assert isinstance(loop.policy, PARLActingPolicy)  # the steered base acted, from the first step
+    finally:
+        link.close()
+        learner.stop()
+        env.close()
+    assert operator.total_interventions > 0
+    assert len(learner.learner.interventions) == operator.total_interventions
+    assert len(learner.learner.online) == loop.stats.env_steps

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-step-size", type=float, default=0.05)
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--work-dir", type=Path)
+    parser.add_argument("--reuse-run", action="store_true",
+                        help="take the BC policy, the PA-RL run and its evaluations from --work-dir (an earlier run "
+                             "of this script) instead of training again; the rest is measured afresh")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data, training and evaluation")
     parser.add_argument("overrides", nargs="*", help="dotted.config.path=JSON value for the session config")
@@ -133,11 +136,15 @@ def main(argv: list[str] | None = None) -> int:
                                       hidden_dim=args.bc_hidden, num_blocks=args.bc_blocks,
                                       train_timesteps=args.train_timesteps, inference_steps=args.ddim_steps,
                                       lr_warmup_steps=min(100, args.bc_steps // 10))
-    print(f"2. behaviour cloning: {args.bc_steps} steps", flush=True)
-    base = train_diffusion_policy(bc_config, data_dir, args.bc_steps, seed=config.seed,
-                                  log_every=max(1, args.bc_steps // 5),
-                                  progress=lambda s, loss: print(f"   step {s}: loss {loss:.4f}", flush=True))
-    base.save(work / "base")
+    if args.reuse_run:
+        print(f"2. the BC policy of {work / 'base'}", flush=True)
+        base = load_policy(work / "base")
+    else:
+        print(f"2. behaviour cloning: {args.bc_steps} steps", flush=True)
+        base = train_diffusion_policy(bc_config, data_dir, args.bc_steps, seed=config.seed,
+                                      log_every=max(1, args.bc_steps // 5),
+                                      progress=lambda s, loss: print(f"   step {s}: loss {loss:.4f}", flush=True))
+        base.save(work / "base")
     results["bc"] = {"steps": args.bc_steps, "final_loss": base.info.get("final_loss"),
                      "config": dataclasses.asdict(bc_config)}
 
@@ -160,9 +167,18 @@ def main(argv: list[str] | None = None) -> int:
         path, _, value = override.partition("=")
         session = with_override(session, path, json.loads(value))
     config_file = save_config(session, work / "parl.yaml")
-    print(f"4. steerl train with PA-RL: {args.steps} online steps (log: {work / 'parl.log'})", flush=True)
-    variant = run_variant("parl", config_file, work, args.steps, demos=1, eval_episodes=args.eval_episodes,
-                          demos_dir=data_dir)
+    if args.reuse_run:
+        print(f"4. the PA-RL run of {work / 'parl'} and its evaluations", flush=True)
+        summary = json.loads((work / "parl" / "summary.json").read_text())
+        variant = {"env_steps": summary["env_steps"], "episodes": summary["episodes"],
+                   "train_wall_s": round(summary["wall_time_s"], 1), "curve": summary["eval_history"],
+                   "final_eval": json.loads((work / "parl_final_eval.json").read_text()),
+                   "best_policy_eval": json.loads((work / "parl_best_eval.json").read_text()),
+                   "run_dir": str(work / "parl"), "reused": True}
+    else:
+        print(f"4. steerl train with PA-RL: {args.steps} online steps (log: {work / 'parl.log'})", flush=True)
+        variant = run_variant("parl", config_file, work, args.steps, demos=1, eval_episodes=args.eval_episodes,
+                              demos_dir=data_dir)
     results["parl"] = variant
     results["after"] = variant["final_eval"]
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar, Union
 import numpy as np
 import safetensors
 import safetensors.torch
+from safetensors.torch import load as load_safetensors
 import torch
 from torch import nn
 
@@ -239,7 +240,7 @@ def policy_to_bytes(policy: Policy) -> bytes:
 def policy_from_bytes(blob: bytes, device: torch.device | str = "cpu") -> Policy:
     """The policy :func:`policy_to_bytes` packed (any registered kind, via :func:`load_policy`)."""
     try:
-        files = safetensors.torch.load(blob)
+        files = load_safetensors(blob)  # safetensors: tensors only, no code (not torch.load)
     except Exception as error:  # noqa: BLE001 - safetensors raises several kinds on a bad header
         raise ValueError(f"not a policy bundle: {error}") from None
     with tempfile.TemporaryDirectory(prefix="steerl-policy-") as tmp:

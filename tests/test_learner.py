@@ -148,14 +148,20 @@ def test_learner_killed_before_its_first_checkpoint_replays_every_acknowledged_t
     assert online.transitions_added == len(online) == loop.stats.env_steps == 450
 
 
+def _act_then_stop_the_learner(config, run_dir, steps: int):
+    """A learner thread and an actor that acts ``steps`` random steps, all acknowledged; then the
+    learner stops (final checkpoint). Returns the actor's loop and link, still open."""
+    learner = LearnerThread(config, run_dir)
+    loop, link = _acting(config, make_gym_env(ENV_ID, 30))
+    loop.run(steps)
+    assert link.flush(20)
+    learner.stop()
+    return loop, link
+
+
 def test_an_actor_retargeted_to_a_learner_restarted_elsewhere_resends_what_it_lacks(tmp_path) -> None:
     config = _config(random_steps=10**6)
-    env = make_gym_env(ENV_ID, 30)
-    first = LearnerThread(config, tmp_path / "run")
-    loop, link = _acting(config, env)
-    loop.run(90)
-    assert link.flush(20)
-    first.stop()  # its final checkpoint holds all 90
+    loop, link = _act_then_stop_the_learner(config, tmp_path / "run", 90)  # its final checkpoint holds all 90
     loop.run(150)  # acting on while no learner answers: 60 more wait in the queue
     moved = dataclasses.replace(config, learner=dataclasses.replace(config.learner, address=free_tcp_address()))
     second = LearnerThread(moved, tmp_path / "run", resume=True)
@@ -170,13 +176,8 @@ def test_an_actor_retargeted_to_a_learner_restarted_elsewhere_resends_what_it_la
 
 def test_a_fresh_run_moves_an_earlier_runs_state_aside(tmp_path) -> None:
     config = _config(random_steps=10**6)
-    env = make_gym_env(ENV_ID, 30)
-    learner = LearnerThread(config, tmp_path / "run")
-    loop, link = _acting(config, env)
-    loop.run(60)
-    assert link.flush(20)
+    _, link = _act_then_stop_the_learner(config, tmp_path / "run", 60)  # a final checkpoint and a transition log
     link.close()
-    learner.stop()  # final checkpoint + a transition log
     fresh = Learner(dataclasses.replace(config, learner=dataclasses.replace(
         config.learner, address=free_tcp_address())), tmp_path / "run")
     try:

@@ -85,13 +85,13 @@ def test_actors_and_learner_killed_mid_run_are_restarted_without_a_lost_or_dupli
 
 
 def test_steerl_train_ray_runs_a_session_from_the_command_line(tmp_path) -> None:
-    config = _config()
+    config = _config(actor_env="server")  # each actor behind a robot server child of its own
     config_file = save_config(config, tmp_path / "ray.yaml")
     result = subprocess.run([sys.executable, "-m", "tools.cli", "train", "--config", str(config_file), "--ray",
                              "--actors", "2", "--steps", "600", "--run-dir", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 simulated actors" in result.stdout
+    assert "2 simulated actors (server)" in result.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["transitions"] >= 600
     assert {entry["index"] for entry in summary["actors"]} == {0, 1}

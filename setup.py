@@ -11,6 +11,7 @@ PACKAGES = [
     "transport",
     "hardware_configs",
     "tools",
+    "tools.dashboard",
 ]
 
 setup(
@@ -21,7 +22,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=PACKAGES,
-    package_data={"hardware_configs": ["*.yaml", "teleop/*.yaml"], "transport": ["*.proto"]},
+    package_data={"hardware_configs": ["*.yaml", "teleop/*.yaml"], "transport": ["*.proto"],
+                  "tools.dashboard": ["static/*"]},
     install_requires=[
         "numpy>=1.26",
         "torch>=2.13",
@@ -46,6 +48,10 @@ setup(
         "peft>=0.21",
         # steerl train --ray (tools/ray_session.py): learner, simulated actors, policy server as Ray actors.
         "ray>=2.50",
+        # The operator console (tools/dashboard): a FastAPI app under uvicorn, WebSockets via websockets.
+        "fastapi>=0.115",
+        "uvicorn>=0.30",
+        "websockets>=13",
     ],
     extras_require={
         "dev": [
@@ -54,6 +60,8 @@ setup(
             "grpcio-tools==1.85.1",
             # HTTP/JSON baseline of benchmarks/robot_link.py (shaped like SERL's Franka server).
             "flask>=3",
+            # The dashboard's end-to-end tests drive Debian's chromium (/usr/bin/chromium) with Playwright.
+            "playwright>=1.50",
             # The arm vendor libraries, pinned: tests/test_arm_backends.py checks the fakes the
             # backend tests use against their exact API. Prebuilt Linux wheels (a few MB, no build;
             # franky-control needs glibc >= 2.34); elsewhere those checks are skipped.

@@ -31,6 +31,12 @@ back until the next step begins (or the episode ends), so that a label can still
 
 ``--save-videos`` (:class:`~actor.video.EpisodeVideoRecorder`): every N-th episode's camera images
 are written as MP4 files, from the observations the loop already has.
+
+Operator console (:class:`~actor.console.ConsoleLink`, ``steerl train --dashboard``, ``steerl
+deploy``): after every reset and step the loop publishes its state, the action, the robot's status
+and (rate-limited) the camera images; while paused, the state alone. The console's buttons arrive as
+operator events through the same :class:`~actor.operator.OperatorControl` as the teleop device's,
+and its stop button ends :meth:`ActingLoop.run` after the episode under way.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from actor.console import ConsoleLink
 from actor.env import RobotEmergencyStopped, RobotEnv
 from actor.intervention import find_intervention_wrapper
 from actor.learner_link import LearnerLink
@@ -151,10 +158,11 @@ class ActingLoop:
     def __init__(self, config: SessionConfig, env: RobotEnv, link: LearnerLink | None,
                  observation_keys: tuple[str, ...], first_episode: int = 0,
                  teleop: TeleopDevice | None = None, video: EpisodeVideoRecorder | None = None,
-                 episode_seed: int | None = None) -> None:
+                 episode_seed: int | None = None, console: ConsoleLink | None = None) -> None:
         """``teleop``: the device read directly between steps (default: the device of an
         InterventionWrapper around ``env``); ``video``: saves every N-th episode's camera images;
-        ``episode_seed``: seeds the sequence of episode seeds (default: ``config.seed``)."""
+        ``episode_seed``: seeds the sequence of episode seeds (default: ``config.seed``);
+        ``console``: publishes telemetry to and takes buttons from the operator console."""
         self.config = config
         self.env = env
         self.link = link
@@ -162,8 +170,13 @@ class ActingLoop:
         self.policy: Any = None
         self.stats = ActingStats()
         self.video = video
+        self.console = console
         self.operator = OperatorControl(teleop if teleop is not None else find_teleop_device(env), env,
-                                        watchdog_s=config.robot.safety.watchdog_ms / 1000.0)
+                                        watchdog_s=config.robot.safety.watchdog_ms / 1000.0,
+                                        sources=[console.read_events] if console is not None else ())
+        self._last_action: np.ndarray | None = None
+        self._intervened = False
+        self._evaluating = False
         self.last_episode: EpisodeOutcome | None = None
         # Called with the stats during long episodes and while paused (set by run()).
         self.on_progress: Callable[[ActingStats], None] | None = None
@@ -200,6 +213,8 @@ class ActingLoop:
     def _report(self, state: OperatorState | None = None, force: bool = False) -> None:
         """Refresh the stats the progress line shows and call ``on_progress`` (at most 4 times a second)."""
         self.stats.operator_state = (state or self.operator.state).value
+        if state is not None and self.console is not None:  # waiting: the page shows the state alone
+            self._publish(None)
         now = time.monotonic()
         if self.on_progress is not None and (force or state is not None or now - self._last_report >= 0.25):
             self._last_report = now
@@ -211,11 +226,12 @@ class ActingLoop:
             self.operator.poll()
             self.operator.service(episode_running=False, steps_taken=0, report=self._report)
             try:
-                observation, _ = self.env.reset(seed=int(self._rng.integers(2**31)))
+                observation, info = self.env.reset(seed=int(self._rng.integers(2**31)))
             except RobotEmergencyStopped as error:
                 self.operator.robot_refused(str(error))
                 continue
             self.operator.begin_episode()
+            self.operator.note_robot_info(info)
             if isinstance(self.policy, RemotePolicy):
                 self.policy.begin_episode()  # a hold keeps the gripper as the reset left it
             self.operator.poll()  # events that arrived during the reset are applied before the first step
@@ -223,6 +239,8 @@ class ActingLoop:
             if self.video is not None:
                 self.video.begin(self._episode)
                 self.video.add(observation)
+            self._last_action, self._intervened = None, False
+            self._publish(observation)
             return observation
 
     def _ship(self, held: _HeldStep) -> None:
@@ -235,6 +253,7 @@ class ActingLoop:
     def run_episode(self, deterministic: bool = False) -> tuple[float, int, bool]:
         """One episode; returns (return, length, success). How operator events end or pause it:
         see the module docstring; :attr:`last_episode` has the details (discarded, ended_by)."""
+        self._evaluating = deterministic
         observation = self._reset()
         episode_return, length, interventions, info = 0.0, 0, 0, {}
         held: _HeldStep | None = None
@@ -258,6 +277,7 @@ class ActingLoop:
                 self.operator.robot_refused(str(error))
                 continue
             self.operator.note_command()
+            self.operator.note_robot_info(info)
             if held is not None:  # the episode went on past it: no label can change it any more
                 self._ship(held)
             executed = np.asarray(info.get("executed_action", action), dtype=np.float32)
@@ -274,6 +294,8 @@ class ActingLoop:
             self.stats.episode_step, self.stats.episode_return = length, episode_return
             if self.video is not None:
                 self.video.add(next_observation)
+            self._last_action, self._intervened = executed, intervened
+            self._publish(next_observation)
             observation = next_observation
             self._report()
         return self._finish(held, end, episode_return, length, interventions, info, deterministic)
@@ -303,6 +325,11 @@ class ActingLoop:
                 episode=self._episode, episode_return=episode_return, length=length, success=outcome.success,
                 evaluation=deterministic, interventions=interventions,
                 intervention_rate=outcome.intervention_rate, discarded=discarded))
+        if self.console is not None:
+            self.console.episode_finished(pb.ConsoleEpisode(
+                episode=self._episode, env_steps=self.stats.env_steps, episode_return=episode_return, length=length,
+                success=outcome.success, intervention_rate=outcome.intervention_rate, evaluation=deterministic,
+                discarded=discarded, ended_by=end.value if end is not None else ""))
         if self.video is not None and self.video.recording:
             label = "discarded" if discarded else ("success" if outcome.success else (
                 end.value if end is not None else "failure"))
@@ -393,6 +420,38 @@ class ActingLoop:
         """Make :meth:`run` return once the episode under way has ended (safe from any thread)."""
         self._stop_requested = True
 
+    @property
+    def stop_requested(self) -> bool:
+        """:meth:`request_stop` was called, or the console's stop button pressed."""
+        return self._stop_requested or (self.console is not None and self.console.stop_requested)
+
+    def _publish(self, observation: dict[str, np.ndarray] | None) -> None:
+        """Telemetry for the console: the state, and with ``observation`` its camera images (when
+        the console's rate limit allows; status-only otherwise)."""
+        console = self.console
+        if console is None:
+            return
+        images = None
+        if observation is not None:
+            if not console.due():
+                return
+            images = {key[len("images/"):]: value for key, value in observation.items() if key.startswith("images/")}
+        stats, link = self.stats, self.link
+        latency = getattr(link, "latency_ms", None)
+        fields = {
+            "observed_unix_s": time.time(), "env_steps": stats.env_steps, "episode": self._episode,
+            "episode_step": stats.episode_step, "episode_return": stats.episode_return,
+            "operator_state": self.operator.state.value, "intervened": self._intervened,
+            "evaluating": self._evaluating, "policy_version": stats.policy_version,
+            "mean_return": stats.mean_return, "success_rate": stats.success_rate,
+            "intervention_rate": stats.intervention_rate, "steps_per_s": stats.steps_per_s,
+            "has_eval": stats.eval_success_rate is not None, "eval_success_rate": stats.eval_success_rate or 0.0,
+            "learner_connected": bool(getattr(link, "connected", False)),
+            "learner_updates": int(getattr(link, "learner_updates", 0)),
+            "link_latency_ms": -1.0 if latency is None else float(latency),
+        }
+        console.publish(fields, self.operator.robot_info, images, self._last_action, self.operator.events_seen)
+
     def run(self, total_steps: int, on_progress: Callable[[ActingStats], None] | None = None) -> ActingStats:
         """Act until ``total_steps`` training env steps are done (or :meth:`request_stop`)."""
         if on_progress is not None:
@@ -401,7 +460,7 @@ class ActingLoop:
             self.wait_for_pretrained_policy()
         start, start_steps = time.perf_counter(), self.stats.env_steps
         every = self.config.actor.eval_every_episodes
-        while self.stats.env_steps < total_steps and not self._stop_requested:
+        while self.stats.env_steps < total_steps and not self.stop_requested:
             self._wait_for_learner(on_progress)
             episode_return, _, success = self.run_episode()
             self.stats.episodes += 1
@@ -416,7 +475,7 @@ class ActingLoop:
                     self.stats.episode_history.append({"env_steps": self.stats.env_steps, "success": float(success),
                                                        "intervention_rate": round(outcome.intervention_rate, 4)})
             self.stats.steps_per_s = (self.stats.env_steps - start_steps) / (time.perf_counter() - start)
-            if every and self.stats.episodes % every == 0 and self.policy is not None:
+            if every and self.stats.episodes % every == 0 and self.policy is not None and not self.stop_requested:
                 self.evaluate(self.config.actor.eval_episodes)
             if on_progress is not None:
                 on_progress(self.stats)

@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 
 from actor.teleop import TeleopDevice, TeleopReading
 from hardware_configs.teleop import (
@@ -113,11 +114,17 @@ class OperatorControl:
     loop's env; its innermost env's ``emergency_stop`` / ``release_emergency_stop`` (a
     :class:`~actor.env.RobotEnv`) latch the stop on the robot side, and its link's ``observe``
     keeps the link alive while waiting. ``watchdog_s``: the robot server's watchdog period.
+    ``sources``: more places events come from, read on every :meth:`poll` after the device (the
+    operator console's buttons: :meth:`actor.console.ConsoleLink.read_events`).
     """
 
     def __init__(self, device: TeleopDevice | None, env: gym.Env, watchdog_s: float,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 sources: Iterable[Callable[[], Iterable[OperatorEvent | str]]] = ()) -> None:
         self.device = device
+        self.sources = list(sources)
+        # The robot's status as its last reply said (emergency_stopped, safety counters...).
+        self.robot_info: dict[str, float] = {}
         self._robot = env.unwrapped
         self._watchdog_s = watchdog_s
         self._clock = clock
@@ -152,7 +159,9 @@ class OperatorControl:
 
     # -- input ------------------------------------------------------------------------------------
     def poll(self) -> None:
-        """Read the device directly (never blocks) and take in its events."""
+        """Read the device and the other sources directly (never blocks) and take in their events."""
+        for source in self.sources:
+            self.receive(source())
         if self.device is None:
             return
         try:
@@ -163,6 +172,11 @@ class OperatorControl:
                 self._device_error_logged = True
             return
         self.receive(reading.events)
+
+    def note_robot_info(self, info: dict) -> None:
+        """Keep the robot's status from a reply's info (its numeric entries)."""
+        self.robot_info = {key: float(value) for key, value in info.items()
+                           if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)}
 
     def receive(self, events: Iterable[OperatorEvent | str]) -> None:
         """Take in events (members or their names, as in ``info["operator_events"]``), oldest first.
@@ -189,7 +203,7 @@ class OperatorControl:
         self._interrupted = True
         if getattr(self._robot, "supports_emergency_stop", False):
             try:
-                self._robot.emergency_stop(reason)
+                self.note_robot_info(self._robot.emergency_stop(reason))
             except Exception as error:  # noqa: BLE001 - the loop stays stopped whatever the link does
                 log.error("EMERGENCY STOP: the robot did not confirm the hold (%s: %s); the acting loop "
                           "sends nothing, so the robot's watchdog holds the arm", type(error).__name__, error)
@@ -275,7 +289,7 @@ class OperatorControl:
     def _release(self) -> None:
         if getattr(self._robot, "supports_emergency_stop", False):
             try:
-                self._robot.release_emergency_stop()
+                self.note_robot_info(self._robot.release_emergency_stop())
             except Exception as error:  # noqa: BLE001 - stay stopped, say so, let the operator retry
                 log.error("RESUME: the robot did not release its emergency stop (%s: %s); still stopped, "
                           "press RESUME again", type(error).__name__, error)
@@ -294,7 +308,8 @@ class OperatorControl:
         if observe is None:
             return
         try:
-            observe()
+            _, info = observe()
+            self.note_robot_info(info)
         except Exception as error:  # noqa: BLE001 - a dead link shows at the next step; just say so once
             if not self._keepalive_error_logged:
                 log.warning("robot link keep-alive failed while waiting: %s", error)

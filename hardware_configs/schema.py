@@ -10,6 +10,7 @@ A file has these sections (all but name optional)::
     learner:  # replay, SAC/RLPD, where the learner listens, checkpoints, warm start
     actor:    # the acting loop: exploration, evaluation, teleop, reward classifier, policy source
     ray:      # steerl train --ray: many simulated actors and the learner as Ray actors
+    dashboard: # the operator console: the web page, its token, the actor's telemetry/command sockets
 
 Units are SI (metres, radians, seconds) unless a field name says otherwise (``_ms``, ``_hz``).
 """
@@ -946,6 +947,65 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """The operator console (``steerl dashboard``, ``steerl train --dashboard``, ``steerl deploy``).
+
+    The actor publishes its telemetry and takes operator commands on two loopback sockets; the
+    dashboard process beside it serves the web page over HTTP and WebSockets. The page is bound to
+    loopback by default; a ``host`` beyond it needs a token (``token``, or the environment variable
+    named by ``token_env``), and every request without it is refused."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # The shared secret that a page served beyond loopback must present; "" for none.
+    token: str = ""
+    token_env: str = "STEERL_DASHBOARD_TOKEN"
+    # Actor-side sockets (loopback only): telemetry (PUB) and operator commands (PULL).
+    telemetry_address: str = "tcp://127.0.0.1:5570"
+    command_address: str = "tcp://127.0.0.1:5571"
+    # At most this many telemetry messages (with camera images) a second leave the actor.
+    telemetry_hz: float = 10.0
+    jpeg_quality: int = 80
+    # Where the page lists checkpoints and where sessions it starts write (default: learner.run_dir).
+    runs_dir: str = ""
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must lie in 1..65535, got {self.port}")
+        for name in ("telemetry_address", "command_address"):
+            address = getattr(self, name)
+            if not address.startswith(("tcp://", "ipc://")):
+                raise ValueError(f"{name} must be a tcp:// or ipc:// endpoint, got {address!r}")
+            if not is_loopback(address):
+                raise ValueError(f"{name} must stay on this machine (loopback), got {address!r}: the dashboard "
+                                 "runs beside the actor and serves the page beyond it with a token")
+        if self.telemetry_address == self.command_address:
+            raise ValueError("telemetry_address and command_address must differ")
+        if not 0 < self.telemetry_hz <= 100:
+            raise ValueError(f"telemetry_hz must lie in (0, 100], got {self.telemetry_hz}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must lie in 1..100, got {self.jpeg_quality}")
+
+    def resolved_token(self) -> str:
+        """``token``, else the value of the environment variable ``token_env`` ("" for none)."""
+        import os
+
+        return self.token or (os.environ.get(self.token_env, "") if self.token_env else "")
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether the page is served to this machine only."""
+        return self.host == "localhost" or _is_loopback_host(self.host)
+
+
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
 class SessionConfig:
     """One robot cell and task: the whole content of a file in hardware_configs/."""
 
@@ -957,6 +1017,7 @@ class SessionConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

@@ -6,6 +6,8 @@
     steerl actor --config FILE             run the actor (robot PC) against a running learner
     steerl policy-server --policy DIR      serve a policy's actions to actors over ZeroMQ (GPU box)
     steerl eval --checkpoint DIR           success rate of a trained policy
+    steerl deploy --config FILE --policy SPEC   run a policy on the robot (optionally V-GPS-steered)
+    steerl dashboard --config FILE         the operator console: a web page to watch, steer and deploy
     steerl record-demos --config FILE -n N record scripted-expert demonstrations
     steerl record-success-fail --config FILE --episodes N --out DIR   labelled frames for a reward classifier
     steerl train-reward-classifier --data DIR --out FILE           train the reward classifier
@@ -136,14 +138,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or f"{config.learner.run_dir}/{config.name}"
     config = _with_ray(config, args)
     if config.ray.enabled:
-        if args.env_id or args.save_videos:
-            print("steerl train --ray: --env-id and --save-videos are for single-actor sessions", file=sys.stderr)
+        if args.env_id or args.save_videos or args.dashboard or args.console:
+            print("steerl train --ray: --env-id, --save-videos, --dashboard and --console are for single-actor "
+                  "sessions", file=sys.stderr)
             return 2
         from tools.ray_session import run_ray_training
 
         return run_ray_training(config, run_dir, args.steps, demos=args.demos, resume=args.resume)
     return run_training(config, run_dir, args.steps, demos=args.demos, resume=args.resume, env_id=args.env_id,
-                        save_videos=args.save_videos)
+                        save_videos=args.save_videos, with_console=args.console, with_dashboard=args.dashboard)
 
 
 def _with_ray(config: SessionConfig, args: argparse.Namespace) -> SessionConfig:
@@ -339,6 +342,40 @@ def cmd_train_calql(args: argparse.Namespace) -> int:
     return calql_main(args.arguments)
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from tools.dashboard import DashboardRefused, serve
+
+    config = load_config(args.config)
+    try:
+        serve(config, host=args.host, port=args.port, token=args.token, runs_dir=args.runs_dir)
+    except DashboardRefused as error:
+        print(f"steerl dashboard: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from tools.deploy import load_deploy_policy, run_deployment
+
+    config = _with_teleop(_with_address(load_config(args.config), args.address), args.teleop)
+    if args.episodes < 1:
+        print(f"steerl deploy: --episodes must be at least 1, got {args.episodes}", file=sys.stderr)
+        return 2
+    if args.vgps_critic is None and (args.k is not None or args.beta is not None):
+        print("steerl deploy: --k and --beta steer with a critic: give --vgps-critic too", file=sys.stderr)
+        return 2
+    try:
+        policy, name = load_deploy_policy(config, args.policy, args.vgps_critic,
+                                          10 if args.k is None else args.k, 1.0 if args.beta is None else args.beta)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        print(f"steerl deploy: cannot load the policy: {error}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or f"{config.learner.run_dir}/deploy-{config.name}"
+    run_deployment(config, policy, name, args.episodes, run_dir, deterministic=args.deterministic,
+                   start_server=not args.no_server, with_console=args.console, with_dashboard=args.dashboard)
+    return 0
+
+
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     from transport.zmq_link import generate_keypair
 
@@ -440,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ray-address", metavar="ADDRESS",
                        help="join this running Ray cluster (auto, or HOST:PORT) instead of starting one (implies --ray)")
     train.add_argument("--actors", type=int, metavar="N", help="simulated actors under Ray (implies --ray)")
+    train.add_argument("--dashboard", action="store_true",
+                       help="serve the operator console (a web page on dashboard.host:port) for this session")
+    train.add_argument("--console", action="store_true",
+                       help="publish to and take buttons from an operator console already running "
+                            "(steerl dashboard); --dashboard starts one")
     warm_start_options(train)
     train.set_defaults(handler=cmd_train)
 
@@ -467,6 +509,45 @@ def build_parser() -> argparse.ArgumentParser:
                        help="teleop device for interventions and operator events: keyboard, gamepad_xbox, "
                             "spacemouse, simulated_operator or a YAML path (overrides actor.teleop)")
     actor.set_defaults(handler=cmd_actor)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the operator console: live cameras, buttons, plots, sessions, checkpoints",
+        description="Serve a web page (FastAPI + uvicorn, WebSockets) that shows the actor's camera views, "
+                    "action, intervention state, episode plots, learner updates/s and the robot's safety state; "
+                    "its buttons send the same operator events as the keyboard or gamepad (success, failure, "
+                    "re-record, pause, emergency stop, resume); it starts and stops sessions and evaluates "
+                    "checkpoints. Bound to loopback unless --host; beyond loopback a token is required.")
+    dashboard.add_argument("--config", default=DEFAULT_CONFIG,
+                           help=f"YAML file or bundled config name (default {DEFAULT_CONFIG}): its dashboard section, "
+                                "and the robot server an emergency stop is sent to")
+    dashboard.add_argument("--host", help="override dashboard.host (beyond loopback needs a token)")
+    dashboard.add_argument("--port", type=int, help="override dashboard.port")
+    dashboard.add_argument("--token", help="the page's token (default: dashboard.token or $STEERL_DASHBOARD_TOKEN)")
+    dashboard.add_argument("--runs-dir", help="where checkpoints are listed and sessions write "
+                                              "(default: dashboard.runs_dir or learner.run_dir)")
+    dashboard.set_defaults(handler=cmd_dashboard)
+
+    deploy = commands.add_parser(
+        "deploy", help="run a trained or generalist policy on the robot, optionally V-GPS-steered",
+        description="Run a policy through the robot server with the same safety, teleop override and operator "
+                    "console as training, recording every episode (RUN_DIR/episodes.jsonl, RUN_DIR/transitions) "
+                    "and the success rate (RUN_DIR/deploy_summary.json).")
+    deploy.add_argument("--config", required=True, help="YAML file or bundled config name")
+    deploy.add_argument("--policy", required=True,
+                        help="a policy directory (policy.json), a learner checkpoint, a run directory or best_policy")
+    deploy.add_argument("--vgps-critic", metavar="CKPT",
+                        help="steer with V-GPS: a critic directory or a learner / Cal-QL checkpoint")
+    deploy.add_argument("--k", type=int, help="V-GPS: actions sampled per step (default 10)")
+    deploy.add_argument("--beta", type=float, help="V-GPS: softmax temperature over Q (0: argmax; default 1)")
+    deploy.add_argument("--episodes", type=int, default=10)
+    deploy.add_argument("--deterministic", action="store_true", help="the policy's deterministic action")
+    deploy.add_argument("--run-dir", help="default: learner.run_dir/deploy-<config name>")
+    deploy.add_argument("--address", help="override server.address and env.address (the robot server)")
+    deploy.add_argument("--no-server", action="store_true", help="connect to a robot server already running")
+    deploy.add_argument("--teleop", metavar="NAME_OR_YAML", help="teleop device (overrides actor.teleop)")
+    deploy.add_argument("--dashboard", action="store_true", help="serve the operator console for this deployment")
+    deploy.add_argument("--console", action="store_true", help="publish to an operator console already running")
+    deploy.set_defaults(handler=cmd_deploy)
 
     policy_server = commands.add_parser(
         "policy-server", help="serve a policy's actions to actors over ZeroMQ (for policies that need a GPU)",

@@ -6,6 +6,11 @@ line. ``steerl learner`` and ``steerl actor`` run the two halves on separate mac
 ``--env-id`` swaps the robot for any registered gymnasium environment (in-process), so the
 learner can be checked on environments we did not write.
 
+``--dashboard`` publishes the actor's telemetry to the operator console and takes its buttons
+(:class:`~actor.console.ConsoleLink`) and starts ``steerl dashboard`` as a child process serving
+the page; ``--console`` does the first only, for a dashboard already running (one that started the
+session from its page).
+
 ``--teleop`` (or ``actor.teleop``) wraps the env in an
 :class:`~actor.intervention.InterventionWrapper` around the configured teleop device and prints the
 device's bindings; ``--save-videos N`` saves every N-th episode's camera images under
@@ -35,6 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from actor.acting import ActingLoop, ActingStats
+from actor.console import ConsoleLink
 from actor.env import RobotEnv, make_gym_env
 from actor.learner_link import LearnerLink
 from actor.remote_policy import RemotePolicy, connect_remote_policy
@@ -53,6 +59,19 @@ def learner_process(config: SessionConfig, run_dir: Path, demos: str | None, res
     arguments = ["--run-dir", str(run_dir)] + (["--demos", str(demos)] if demos else []) + (
         ["--resume"] if resume else [])
     return steerl_child(config, "learner", *arguments, stop_timeout_s=120.0)
+
+
+def dashboard_process(config: SessionConfig, runs_dir: str | Path):
+    """A ``steerl dashboard`` child serving the console page for this session."""
+    return steerl_child(config, "dashboard", "--runs-dir", str(runs_dir), stop_timeout_s=10.0)
+
+
+def open_console(config: SessionConfig, stack: ExitStack, actor_id: str, total_steps: int, mode: str = "train",
+                 policy_name: str = "") -> ConsoleLink:
+    """The actor's console sockets, closed with ``stack``."""
+    console = ConsoleLink(config.dashboard, actor_id, config.name, total_steps, mode=mode, policy_name=policy_name)
+    stack.callback(console.close)
+    return console
 
 
 def actor_policy_loader(config: SessionConfig, spaces: RobotSpaces):
@@ -154,9 +173,11 @@ def progress_line(stats: ActingStats, link: LearnerLink, updates_per_s: float,
 
 
 def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, console: Console,
-              learner: subprocess.Popen | None = None, video: EpisodeVideoRecorder | None = None) -> ActingStats:
+              learner: subprocess.Popen | None = None, video: EpisodeVideoRecorder | None = None,
+              operator_console: ConsoleLink | None = None) -> ActingStats:
     """Connect to the learner (and, with ``actor.policy_source: remote``, to the policy server) and
-    act for ``total_steps`` env steps with a live progress line."""
+    act for ``total_steps`` env steps with a live progress line (and the operator console's
+    telemetry and buttons with ``operator_console``)."""
     import torch
 
     torch.set_num_threads(1)  # one small policy per step: leave the cores to the sim and the learner
@@ -170,7 +191,8 @@ def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, conso
         console.print(f"policy: {remote.server.policy_name} ({remote.server.policy_kind}) served at {server.address}, "
                       f"deadline {server.timeout_ms} ms per action")
     try:
-        return _act_with_progress(config, env, total_steps, actor_id, console, spaces, remote, learner, video)
+        return _act_with_progress(config, env, total_steps, actor_id, console, spaces, remote, learner, video,
+                                  operator_console)
     finally:
         if remote is not None:
             remote.close()
@@ -178,7 +200,7 @@ def run_actor(config: SessionConfig, env, total_steps: int, actor_id: str, conso
 
 def start_acting(config: SessionConfig, env, actor_id: str, spaces: RobotSpaces, remote: RemotePolicy | None = None,
                  check_learner: Callable[[], None] | None = None, video: EpisodeVideoRecorder | None = None,
-                 episode_seed: int | None = None) -> tuple[ActingLoop, LearnerLink]:
+                 episode_seed: int | None = None, console: ConsoleLink | None = None) -> tuple[ActingLoop, LearnerLink]:
     """The learner link, once the learner has said hello, and an acting loop that numbers its
     episodes after the last one the learner holds from ``actor_id`` (a restarted actor resumes the
     count). ``check_learner`` raises if the learner is known to be gone (called while waiting)."""
@@ -201,21 +223,21 @@ def start_acting(config: SessionConfig, env, actor_id: str, spaces: RobotSpaces,
         raise
     first_episode = hello.acked_episode + 1 if hello.has_acked else 0
     loop = ActingLoop(config, env, link, tuple(spaces.observation), first_episode=first_episode, video=video,
-                      episode_seed=episode_seed)
+                      episode_seed=episode_seed, console=console)
     loop.policy = remote
     return loop, link
 
 
 def _act_with_progress(config: SessionConfig, env, total_steps: int, actor_id: str, console: Console,
                        spaces: RobotSpaces, remote: RemotePolicy | None, learner: subprocess.Popen | None,
-                       video: EpisodeVideoRecorder | None) -> ActingStats:
+                       video: EpisodeVideoRecorder | None, operator_console: ConsoleLink | None) -> ActingStats:
     """:func:`run_actor` once the policy is settled: the learner link, the loop, the progress line."""
 
     def check_learner() -> None:
         if learner is not None and learner.poll() is not None:
             raise RuntimeError(f"the learner exited with code {learner.returncode}")
 
-    loop, link = start_acting(config, env, actor_id, spaces, remote, check_learner, video)
+    loop, link = start_acting(config, env, actor_id, spaces, remote, check_learner, video, console=operator_console)
     columns = [TextColumn("[bold blue]env steps"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[line]}"), TimeElapsedColumn()]
     rate = {"updates": 0, "time": time.monotonic(), "per_s": 0.0}
@@ -235,7 +257,7 @@ def _act_with_progress(config: SessionConfig, env, total_steps: int, actor_id: s
                 progress.update(task, completed=min(stats.env_steps, total_steps), line=line)
 
             loop.run(total_steps, on_progress=show)
-            if config.actor.eval_episodes:
+            if config.actor.eval_episodes and not loop.stop_requested:
                 loop.evaluate(config.actor.eval_episodes)
                 show(loop.stats)
     finally:
@@ -244,9 +266,11 @@ def _act_with_progress(config: SessionConfig, env, total_steps: int, actor_id: s
 
 
 def run_training(config: SessionConfig, run_dir: str | Path, total_steps: int, demos: str | None = None,
-                 resume: bool = False, env_id: str | None = None, save_videos: int = 0) -> int:
+                 resume: bool = False, env_id: str | None = None, save_videos: int = 0, with_console: bool = False,
+                 with_dashboard: bool = False) -> int:
     """``steerl train``: robot server + learner + actor on this machine (``save_videos``: every
-    N-th episode's camera images into ``RUN_DIR/videos``; 0 for none)."""
+    N-th episode's camera images into ``RUN_DIR/videos``; 0 for none; ``with_console``: the operator
+    console's sockets; ``with_dashboard``: those and a ``steerl dashboard`` child serving the page)."""
     console = Console()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,9 +293,16 @@ def run_training(config: SessionConfig, run_dir: str | Path, total_steps: int, d
         if save_videos:
             video = EpisodeVideoRecorder(run_dir / "videos", save_videos, config.robot.control.rate_hz)
             stack.callback(video.close)
+        actor_id = f"actor-{config.name}"
+        operator_console = None
+        if with_console or with_dashboard:
+            operator_console = open_console(config, stack, actor_id, total_steps)
+        if with_dashboard:
+            stack.enter_context(dashboard_process(config, run_dir.parent))
+            console.print(f"operator console: http://{config.dashboard.host}:{config.dashboard.port}/")
         started = time.monotonic()
-        stats = run_actor(config, env, total_steps, actor_id=f"actor-{config.name}", console=console, learner=learner,
-                          video=video)
+        stats = run_actor(config, env, total_steps, actor_id=actor_id, console=console, learner=learner,
+                          video=video, operator_console=operator_console)
     if stats.best_policy_weights is not None and stats.best_eval is not None:
         from learner.learner import write_best_policy
 

@@ -118,7 +118,6 @@ class ConsoleLink:
         self.commands_refused = 0
         self.stop_requested = False
         self.sent = 0
-        self.dropped = 0
 
     # -- commands ---------------------------------------------------------------------------------
     def read_events(self) -> list[str]:
@@ -181,12 +180,13 @@ class ConsoleLink:
         message.recent_episodes.extend(self.recent_episodes)
         try:
             self._publisher.send(envelope.SerializeToString(), zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped += 1
+        except zmq.Again:  # PUB drops rather than blocks; this is only for safety
             return False
         self.sent += 1
         return True
 
     def close(self) -> None:
-        self._publisher.close(linger=0)
+        """Say goodbye to the dashboards (the session has ended) and close both sockets."""
+        self.publish({"closing": True})
+        self._publisher.close(linger=200)
         self._commands.close(linger=0)

@@ -227,3 +227,49 @@ def _status(url: str) -> int | None:
         return error.code
     except (urllib.error.URLError, ConnectionError):
         return None
+
+
+def test_the_page_starts_and_stops_a_session_and_evaluates_its_checkpoint(tmp_path, browser) -> None:
+    """``steerl dashboard`` alone: the page starts a session on the dashboard's config, shows it live,
+    stops it, lists the checkpoint it wrote and evaluates it."""
+    config = console_config()
+    config = dataclasses.replace(config, robot=dataclasses.replace(
+        config.robot, control=dataclasses.replace(config.robot.control, mode="sync"),
+        task=dataclasses.replace(config.robot.task, max_episode_steps=20)))
+    config_file = save_config(config, tmp_path / "console.yaml")
+    runs = tmp_path / "runs"
+    server = subprocess.Popen([sys.executable, "-m", "tools.cli", "dashboard", "--config", str(config_file),
+                               "--runs-dir", str(runs)])
+    url = f"http://127.0.0.1:{config.dashboard.port}/"
+    try:
+        wait_for(lambda: _status(url + "api/state") == 200, "the dashboard")
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("document.querySelector('#config-select').options.length > 1")
+        assert page.input_value("#config-select") == str(config_file)  # its own config comes first
+        page.fill("#steps-input", "100000")
+        page.click("#start-session")
+        page.wait_for_function("document.querySelector('#connection').textContent === 'actor live'", timeout=120_000)
+        page.wait_for_function("window.steerlStats.lastState.actor.env_steps > 50", timeout=60_000)
+        assert page.evaluate("window.steerlStats.lastState.session.running")
+
+        page.click("button[data-event=MARK_FAILURE]")  # any button works on a session the page started
+        page.wait_for_function("window.steerlStats.lastState.episodes.some(e => e.ended_by === 'failure')",
+                               timeout=20_000)
+        page.click("#stop-session")
+        page.wait_for_function("window.steerlStats.lastState.session && !window.steerlStats.lastState.session.running",
+                               timeout=120_000)
+        assert page.evaluate("window.steerlStats.lastState.session.exit_code") == 0
+
+        page.click("#refresh-checkpoints")
+        page.wait_for_selector("#checkpoints tbody tr", timeout=10_000)
+        assert page.text_content("#checkpoints tbody tr td") == "console"  # the run directory's name
+        page.fill("#eval-episodes", "2")
+        page.click("#checkpoints tbody tr button")
+        page.wait_for_function("document.querySelector('#evaluations').textContent.includes('over 2 episodes')",
+                               timeout=120_000)
+        evaluation = page.evaluate("window.steerlStats.lastState.evaluations[0]")
+        assert evaluation["result"]["episodes"] == 2 and 0.0 <= evaluation["result"]["success_rate"] <= 1.0
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -347,7 +347,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     try:
-        serve(config, host=args.host, port=args.port, token=args.token, runs_dir=args.runs_dir)
+        serve(config, host=args.host, port=args.port, token=args.token, runs_dir=args.runs_dir,
+              config_source=str(args.config))
     except DashboardRefused as error:
         print(f"steerl dashboard: {error}", file=sys.stderr)
         return 2

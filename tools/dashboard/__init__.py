@@ -32,9 +32,10 @@ def check_exposure(host: str, token: str) -> None:
 
 
 def serve(config: SessionConfig, host: str | None = None, port: int | None = None, token: str | None = None,
-          runs_dir: str | Path | None = None) -> None:
+          runs_dir: str | Path | None = None, config_source: str = "") -> None:
     """Serve the console for ``config`` until interrupted (SIGINT/SIGTERM). ``host``/``port``/
-    ``token``/``runs_dir`` override the ``dashboard`` section."""
+    ``token``/``runs_dir`` override the ``dashboard`` section; ``config_source``: the config's
+    name or file, offered first when the page starts a session."""
     import uvicorn
 
     from tools.dashboard.app import create_app
@@ -49,7 +50,8 @@ def serve(config: SessionConfig, host: str | None = None, port: int | None = Non
     runs = Path(runs_dir or settings.runs_dir or config.learner.run_dir)
     hub = TelemetryHub(config)
     sessions = SessionManager(runs, actor_live=lambda: hub.live,
-                              request_stop=lambda: hub.send_command(stop_session=True, origin="session stop"))
+                              request_stop=lambda: hub.send_command(stop_session=True, origin="session stop"),
+                              own_config=config_source, dashboard=settings)
     app = create_app(hub, sessions, token)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     shown_host = f"[{host}]" if ":" in host else host

@@ -12,7 +12,7 @@ page takes it from its own ``?token=`` or asks for it):
 ``GET /api/state``                the same state once (for scripts)
 ``GET /api/frames/{camera}.jpg``  a camera's newest frame
 ``POST /api/command``             ``{"event": NAME}`` or ``{"stop_session": true}``: a button
-``GET /api/configs``              the bundled configs a session can start on
+``GET /api/configs``              the configs a session can start on (the dashboard's own first)
 ``GET /api/session``              the session and evaluations this page started
 ``POST /api/session/start``       ``{"config": NAME, "steps": N}``
 ``POST /api/session/stop``        stop after the episode under way
@@ -40,7 +40,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from tools.dashboard.hub import CommandRefused, TelemetryHub
-from tools.dashboard.sessions import SessionManager, SessionRefused, bundled_configs
+from tools.dashboard.sessions import SessionManager, SessionRefused
 
 log = logging.getLogger("steerl.dashboard")
 
@@ -137,7 +137,7 @@ def create_app(hub: TelemetryHub, sessions: SessionManager, token: str = "") -> 
 
     @app.get("/api/configs")
     async def get_configs() -> dict[str, Any]:
-        return {"configs": bundled_configs()}
+        return {"configs": sessions.configs()}
 
     @app.get("/api/session")
     async def get_session() -> dict[str, Any]:

@@ -159,6 +159,11 @@ class TelemetryHub:
             raise ProtocolError(pb.ERROR_UNEXPECTED_MESSAGE,
                                 f"telemetry: expected console_telemetry, got {envelope.WhichOneof('body')}")
         message = envelope.console_telemetry
+        if message.closing:  # the session ended: keep its last state, say it is over
+            with self._lock:
+                self._state["ended"] = True
+                self._last_message_s = None
+            return
         frames = {}
         for camera, tensor in message.images.items():
             image = decode_tensor(tensor, f"console_telemetry.images[{camera}]")
@@ -180,6 +185,7 @@ class TelemetryHub:
             "learner_connected": message.learner_connected, "learner_updates": message.learner_updates,
             "link_latency_ms": message.link_latency_ms if message.link_latency_ms >= 0 else None,
             "robot": dict(message.robot), "operator_events": dict(message.operator_events),
+            "ended": False,
         }
         with self._lock:
             if self._actor_sequence is not None and self._actor_sequence[0] == message.actor_id \

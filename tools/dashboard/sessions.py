@@ -1,7 +1,8 @@
 """Sessions, checkpoints and evaluations the page starts: ``steerl`` child processes.
 
 :class:`SessionManager` starts ``steerl train --console`` on a config chosen in the page (one
-session at a time: one robot), stops it through the console's stop command (the actor ends its
+session at a time: one robot; the config's ``dashboard`` section is replaced by the dashboard's own,
+so that the session's telemetry reaches this page; the config used is kept in the run directory), stops it through the console's stop command (the actor ends its
 episode, the learner writes its final checkpoint; SIGTERM only if it does not end in time), lists
 the checkpoints under the runs directory and evaluates one with ``steerl eval``. An evaluation
 needs the robot, so it is refused while a session acts on it.
@@ -20,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hardware_configs.schema import CONFIG_DIR, resolve_config_path
+import dataclasses
+
 from hardware_configs.loader import ConfigError
+from hardware_configs.schema import CONFIG_DIR, DashboardConfig, load_config, resolve_config_path, save_config
 
 # How long a stop request waits for the session to end by itself before SIGTERM.
 STOP_GRACE_S = 120.0
@@ -68,8 +71,11 @@ class SessionManager:
     write and checkpoints are listed; ``actor_live``: whether an actor is acting now (telemetry)."""
 
     def __init__(self, runs_dir: str | Path, actor_live: Callable[[], bool],
-                 request_stop: Callable[[], Any]) -> None:
+                 request_stop: Callable[[], Any], own_config: str = "",
+                 dashboard: DashboardConfig | None = None) -> None:
         self.runs_dir = Path(runs_dir)
+        self.dashboard = dashboard or DashboardConfig()
+        self.own_config = own_config
         self._actor_live = actor_live
         self._request_stop = request_stop
         self._lock = threading.Lock()
@@ -83,6 +89,13 @@ class SessionManager:
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return Job(kind, command, log_path, process, details=details)
 
+    def configs(self) -> list[str]:
+        """What the page offers to start: the dashboard's own config first, then the bundled ones."""
+        bundled = bundled_configs()
+        if not self.own_config:
+            return bundled
+        return [self.own_config] + [name for name in bundled if name != self.own_config]
+
     # -- sessions ---------------------------------------------------------------------------------
     def start(self, config: str, steps: int) -> dict[str, Any]:
         """Start ``steerl train --console`` on ``config`` (a bundled name or a YAML path)."""
@@ -90,6 +103,7 @@ class SessionManager:
             raise SessionRefused(f"steps: an integer in 1..100000000, got {steps!r}")
         try:
             path = resolve_config_path(config)
+            session_config = dataclasses.replace(load_config(path), dashboard=self.dashboard)
         except ConfigError as error:
             raise SessionRefused(f"config: {error}") from None
         with self._lock:
@@ -100,7 +114,9 @@ class SessionManager:
                                      "stop it first")
             name = path.stem
             run_dir = self.runs_dir / name
-            self.session = self._spawn("train", ["train", "--config", str(path), "--steps", str(steps),
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config_file = save_config(session_config, run_dir / "dashboard_session.yaml")
+            self.session = self._spawn("train", ["train", "--config", str(config_file), "--steps", str(steps),
                                                  "--run-dir", str(run_dir), "--console"],
                                        run_dir / "dashboard_session.log",
                                        {"config": name, "steps": steps, "run_dir": str(run_dir)})

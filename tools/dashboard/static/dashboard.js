@@ -96,7 +96,8 @@ async function loadCheckpoints() {
 
 async function evaluate(path) {
   try {
-    await api("api/evaluate", { config: $("config-select").value, checkpoint: path, episodes: 10 });
+    await api("api/evaluate", { config: $("config-select").value, checkpoint: path,
+                               episodes: parseInt($("eval-episodes").value, 10) });
     showMessage("evaluating " + path, "info");
   } catch (error) { showMessage("evaluation refused: " + error.message, "error"); }
 }

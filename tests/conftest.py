@@ -17,10 +17,14 @@ from robot_server.cell import RobotCell
 from robot_server.server import RobotServer
 
 
-def free_tcp_address() -> str:
+def free_tcp_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+        return probe.getsockname()[1]
+
+
+def free_tcp_address() -> str:
+    return f"tcp://127.0.0.1:{free_tcp_port()}"
 
 
 def configure(base: str = "sim_panda_reach", *, backend: str | None = None, cameras=None,

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import configure, free_tcp_address
+from conftest import configure, free_tcp_address, free_tcp_port
 from hardware_configs.schema import SessionConfig, save_config
 from learner.learner import latest_checkpoint
 from learner.replay import ReplayBuffer
@@ -42,12 +41,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def console_config() -> SessionConfig:
     """The pick-cube cell with two 64x64 cameras at 10 Hz in real time; the learner learns from the
     state only (and hardly at all: the test is about the console)."""
@@ -58,7 +51,7 @@ def console_config() -> SessionConfig:
         sac=dataclasses.replace(config.learner.sac, hidden_dims=(32, 32), image_encoder=None))
     actor = dataclasses.replace(config.actor, random_steps=10**6, eval_every_episodes=0, eval_episodes=0,
                                 max_steps_per_update=0.0)
-    dashboard = dataclasses.replace(config.dashboard, port=free_port(), telemetry_address=free_tcp_address(),
+    dashboard = dataclasses.replace(config.dashboard, port=free_tcp_port(), telemetry_address=free_tcp_address(),
                                     command_address=free_tcp_address())
     return dataclasses.replace(config, learner=learner, actor=actor, dashboard=dashboard)
 

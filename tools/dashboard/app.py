@@ -132,7 +132,7 @@ def create_app(hub: TelemetryHub, sessions: SessionManager, token: str = "") -> 
         try:
             result = await asyncio.to_thread(hub.send_command, event, stop_session, origin)
         except CommandRefused as error:
-            return _refused(409 if "no actor" in str(error) else 400, str(error))
+            return _refused(error.status, str(error))
         return JSONResponse(result)
 
     @app.get("/api/configs")
@@ -147,7 +147,7 @@ def create_app(hub: TelemetryHub, sessions: SessionManager, token: str = "") -> 
         try:
             return JSONResponse(function(*arguments))
         except SessionRefused as error:
-            return _refused(409 if "running" in str(error) or "acting" in str(error) else 400, str(error))
+            return _refused(error.status, str(error))
 
     @app.post("/api/session/start")
     async def start_session(request: Request) -> JSONResponse:

@@ -40,7 +40,12 @@ MAX_EPISODES = 5000
 
 
 class CommandRefused(RuntimeError):
-    """A console command that could not be delivered or is not allowed (the message says why)."""
+    """A console command refused: malformed (``status`` 400, the message names the field) or not
+    deliverable now (409: no actor connected)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,8 @@ class TelemetryHub:
                 result["actor"] = "no actor connected"
         if result["actor"] != "delivered" and not result.get("robot", {}).get("held"):
             raise CommandRefused(f"{result['event']}: no actor is connected to the console"
-                                 + (f"; robot server: {result['robot']['error']}" if "robot" in result else ""))
+                                 + (f"; robot server: {result['robot']['error']}" if "robot" in result else ""),
+                                 status=409)
         return result
 
     def _hold_robot(self, origin: str) -> dict[str, Any]:

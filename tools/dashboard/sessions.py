@@ -31,7 +31,12 @@ STOP_GRACE_S = 120.0
 
 
 class SessionRefused(RuntimeError):
-    """A start, stop or evaluation that cannot be done now (the message says why)."""
+    """A start, stop or evaluation refused: bad input (``status`` 400, the message names the field)
+    or not possible now (409, the message says why)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -108,10 +113,10 @@ class SessionManager:
             raise SessionRefused(f"config: {error}") from None
         with self._lock:
             if self.session is not None and self.session.running:
-                raise SessionRefused(f"a session is running already (pid {self.session.process.pid}); stop it first")
+                raise SessionRefused(f"a session is running already (pid {self.session.process.pid}); stop it first", status=409)
             if self._actor_live():
                 raise SessionRefused("an actor is acting on the robot (a session this page did not start); "
-                                     "stop it first")
+                                     "stop it first", status=409)
             name = path.stem
             run_dir = self.runs_dir / name
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +134,7 @@ class SessionManager:
             session = self.session
         own = session is not None and session.running
         if not own and not self._actor_live():
-            raise SessionRefused("no session is running")
+            raise SessionRefused("no session is running", status=409)
         delivered = True
         try:
             self._request_stop()
@@ -192,9 +197,9 @@ class SessionManager:
             raise SessionRefused(f"checkpoint: {checkpoint!r} is not one of the checkpoints under {self.runs_dir}")
         with self._lock:
             if (self.session is not None and self.session.running) or self._actor_live():
-                raise SessionRefused("a session is acting on the robot; an evaluation needs it: stop the session first")
+                raise SessionRefused("a session is acting on the robot; an evaluation needs it: stop the session first", status=409)
             if any(job.running for job in self.evaluations):
-                raise SessionRefused("an evaluation is running already")
+                raise SessionRefused("an evaluation is running already", status=409)
             result_path = Path(tempfile.mkdtemp(prefix="steerl-eval-")) / "result.json"
             job = self._spawn("eval", ["eval", "--config", str(path), "--checkpoint", checkpoint, "--episodes",
                                        str(episodes), "--json", str(result_path)],

@@ -11,9 +11,10 @@ as a training session; no learner is involved. ``--policy`` takes
 re-ranked by the critic with temperature ``--beta`` (0: argmax).
 
 Every executed step is recorded (:class:`DeploymentRecorder`): ``RUN_DIR/episodes.jsonl`` has one
-line per episode (return, length, success, interventions, how the operator ended it), and
+line per episode (return, length, success, interventions, re-recorded or not), and
 ``RUN_DIR/transitions/`` the steps as a replay buffer (operator steps flagged ``intervened``), ready
-to be used as demonstrations or offline data. A re-recorded episode is left out of both.
+to be used as demonstrations or offline data. A re-recorded episode's steps are left out and the
+episode is run again: ``--episodes`` counts the kept ones.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class DeploymentRecorder:
 
     def take_policy(self) -> None:
         return None
+
+    @property
+    def kept_episodes(self) -> int:
+        """Episodes recorded and not re-recorded."""
+        return sum(not entry["discarded"] for entry in self.episodes)
 
     def submit(self, episode: int, step: int, observation: dict[str, np.ndarray], action: np.ndarray,
                reward: float, next_observation: dict[str, np.ndarray], terminated: bool, truncated: bool,
@@ -148,14 +154,14 @@ def run_deployment(config: SessionConfig, policy, policy_name: str, episodes: in
         loop.policy, loop.random_steps = policy, 0
         started = time.monotonic()
         try:
-            while len(recorder.episodes) < episodes and not loop.stop_requested:
+            while recorder.kept_episodes < episodes and not loop.stop_requested:
                 episode_return, length, success = loop.run_episode(deterministic=deterministic)
                 outcome = loop.last_episode
                 label = "discarded" if outcome is not None and outcome.discarded else (
                     "success" if success else "failure")
                 done = [entry for entry in recorder.episodes if not entry["discarded"]]
                 rate = np.mean([entry["success"] for entry in done]) if done else 0.0
-                console.print(f"episode {len(recorder.episodes)}/{episodes}: {label}, return {episode_return:.2f}, "
+                console.print(f"episode {recorder.kept_episodes}/{episodes}: {label}, return {episode_return:.2f}, "
                               f"{length} steps; success so far {rate:.0%}")
         finally:
             transitions = recorder.close()

@@ -968,6 +968,9 @@ class DashboardConfig:
     jpeg_quality: int = 80
     # Where the page lists checkpoints and where sessions it starts write (default: learner.run_dir).
     runs_dir: str = ""
+    # The dashboard process lowers its CPU priority by this much (os.nice), so that on the robot PC
+    # the robot server and the actor's control loop win any contention with JPEG encoding.
+    niceness: int = 10
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -985,6 +988,8 @@ class DashboardConfig:
             raise ValueError(f"telemetry_hz must lie in (0, 100], got {self.telemetry_hz}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must lie in 1..100, got {self.jpeg_quality}")
+        if not 0 <= self.niceness <= 19:
+            raise ValueError(f"niceness must lie in 0..19, got {self.niceness}")
 
     def resolved_token(self) -> str:
         """``token``, else the value of the environment variable ``token_env`` ("" for none)."""

@@ -83,3 +83,18 @@ def key_pipe():
             os.close(fd)
         except OSError:
             pass
+
+
+def chromium_or_skip() -> str:
+    """The path of Debian's Chromium for the browser tests; skips without it, unless
+    ``STEERL_REQUIRE_BROWSER`` is set (CI), where its absence is an error."""
+    import shutil
+    from pathlib import Path
+
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if Path(path).exists():
+        return path
+    if os.environ.get("STEERL_REQUIRE_BROWSER"):
+        raise RuntimeError(f"STEERL_REQUIRE_BROWSER is set but there is no Chromium at {path} (apt-get install chromium)")
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+

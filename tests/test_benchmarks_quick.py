@@ -255,3 +255,23 @@ def test_parl_benchmark_quick(tmp_path: Path) -> None:
     assert results["critic_gain"]["logged"] >= 1 and results["critic_gain"]["mean"] >= 0.0  # >= 0 by construction
     assert results["success_gain"] == results["after"]["success_rate"] - results["before"]["success_rate"]
     assert len(results["targets"]) == 2
+
+
+def test_dashboard_benchmark_quick(tmp_path: Path) -> None:
+    from conftest import chromium_or_skip
+
+    chromium_or_skip()
+    out = tmp_path / "dashboard.json"
+    completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dashboard.py"), "--quick", "--json", str(out)],
+                               cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["quick"] is True and set(results["arms"]) == {"off", "page"}
+    for arm in ("off", "page"):
+        assert results["arms"][arm]["periods"] >= 50
+        _positive_finite(results["arms"][arm]["period_median_ms"], f"{arm}.period_median_ms")
+    _positive_finite(results["arms"]["page"]["publish_median_us"], "publish_median_us")
+    assert results["frame_to_screen_ms"]["frames_drawn"] > 10
+    _positive_finite(results["frame_to_screen_ms"]["median"], "frame_to_screen_ms.median")
+    assert all(isinstance(met, bool) for met in results["targets"].values())
+

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,18 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import configure, free_tcp_address, free_tcp_port
+from conftest import chromium_or_skip, configure, free_tcp_address, free_tcp_port
 from hardware_configs.schema import SessionConfig, save_config
 from learner.learner import latest_checkpoint
 from learner.replay import ReplayBuffer
 from transport import steerl_pb2 as pb
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    if os.environ.get("STEERL_REQUIRE_BROWSER"):
-        raise RuntimeError(f"STEERL_REQUIRE_BROWSER is set but there is no Chromium at {CHROMIUM} "
-                           "(apt-get install chromium)")
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+CHROMIUM = chromium_or_skip()
 
 sync_api = pytest.importorskip("playwright.sync_api")
 

@@ -187,17 +187,19 @@ def cmd_actor(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from tools.session import attach_reward_classifier, attach_teleop, open_env, run_actor
+    from tools.session import attach_reward_classifier, attach_teleop, open_console, open_env, run_actor
 
     config = _with_warm_start(_with_teleop(_training_config(args), args.teleop), args)
     console = Console()
+    actor_id = args.actor_id or f"actor-{config.name}"
     with ExitStack() as stack:
         env = open_env(config, args.env_id, stack, start_server=False)
         stack.callback(env.close)
         env = attach_teleop(config, attach_reward_classifier(config, env, console), console)
         if hasattr(env, "device"):
             stack.callback(env.device.close)
-        run_actor(config, env, args.steps, actor_id=args.actor_id or f"actor-{config.name}", console=console)
+        operator_console = open_console(config, stack, actor_id, args.steps) if args.console else None
+        run_actor(config, env, args.steps, actor_id=actor_id, console=console, operator_console=operator_console)
     return 0
 
 
@@ -509,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     actor.add_argument("--teleop", metavar="NAME_OR_YAML",
                        help="teleop device for interventions and operator events: keyboard, gamepad_xbox, "
                             "spacemouse, simulated_operator or a YAML path (overrides actor.teleop)")
+    actor.add_argument("--console", action="store_true",
+                       help="publish to and take buttons from the operator console (run steerl dashboard beside it)")
     actor.set_defaults(handler=cmd_actor)
 
     dashboard = commands.add_parser(

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from hardware_configs.schema import SessionConfig
@@ -47,6 +48,8 @@ def serve(config: SessionConfig, host: str | None = None, port: int | None = Non
     port = port or settings.port
     token = settings.resolved_token() if token is None else token
     check_exposure(host, token)
+    if settings.niceness and hasattr(os, "nice"):
+        os.nice(settings.niceness)  # the control loop and the robot server come first
     runs = Path(runs_dir or settings.runs_dir or config.learner.run_dir)
     hub = TelemetryHub(config)
     sessions = SessionManager(runs, actor_live=lambda: hub.live,

@@ -111,7 +111,9 @@ async function loadConfigs() {
     select.replaceChildren();
     for (const name of result.configs) {
       const option = document.createElement("option");
-      option.value = option.textContent = name;
+      option.value = name;
+      option.textContent = name.split("/").pop().replace(/\.yaml$/, "");
+      option.title = name;
       select.appendChild(option);
     }
   } catch (error) { showMessage("configs: " + error.message, "error"); }

@@ -32,7 +32,7 @@ from hardware_configs.schema import DashboardConfig
 from hardware_configs.teleop import OperatorEvent
 from transport import steerl_pb2 as pb
 from transport.codec import PROTOCOL_VERSION, ProtocolError, encode_tensor, parse_envelope
-from transport.zmq_link import BIND_RETRY_S
+from transport.zmq_link import bind_retrying
 
 log = logging.getLogger("steerl.console")
 
@@ -41,20 +41,6 @@ MAX_COMMAND_BYTES = 4096
 # Events a console button may send (INTERVENE_TOGGLE belongs to a teleop device).
 CONSOLE_EVENTS = ("MARK_SUCCESS", "MARK_FAILURE", "RERECORD", "PAUSE_TOGGLE", "EMERGENCY_STOP", "RESUME")
 RECENT_EPISODES = 50
-
-
-def _bind(socket: zmq.Socket, address: str) -> None:
-    deadline = time.monotonic() + BIND_RETRY_S
-    while True:
-        try:
-            socket.bind(address)
-            return
-        except zmq.ZMQError as error:
-            if time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-            socket.close(linger=0)
-            raise OSError(f"cannot bind {address}: {error} (is another actor's console on it?)") from None
 
 
 def parse_operator_command(frame: bytes) -> pb.OperatorCommand:
@@ -101,12 +87,12 @@ class ConsoleLink:
         self._publisher = self._context.socket(zmq.PUB)
         self._publisher.setsockopt(zmq.SNDHWM, 2)
         self._publisher.setsockopt(zmq.LINGER, 0)
-        _bind(self._publisher, config.telemetry_address)
+        bind_retrying(self._publisher, config.telemetry_address)
         self._commands = self._context.socket(zmq.PULL)
         self._commands.setsockopt(zmq.MAXMSGSIZE, MAX_COMMAND_BYTES)
         self._commands.setsockopt(zmq.LINGER, 0)
         try:
-            _bind(self._commands, config.command_address)
+            bind_retrying(self._commands, config.command_address)
         except OSError:
             self._publisher.close(linger=0)
             raise

@@ -99,20 +99,30 @@ def bind_server(context: zmq.Context, address: str, max_message_bytes: int,
         socket.curve_secretkey = secret
         socket.curve_publickey = public
         socket.curve_server = True
-    # A process restarted on the same port may find it still held for a moment by the old
-    # socket (ZeroMQ closes asynchronously): retry briefly before giving up.
+    try:
+        bind_retrying(socket, address)
+    except OSError:
+        if authenticator is not None:
+            authenticator.stop()
+        raise
+    return socket, authenticator
+
+
+def bind_retrying(socket: zmq.Socket, address: str) -> None:
+    """Bind ``socket`` to ``address``; on failure close it and raise ``OSError`` naming the address.
+
+    A process restarted on the same port may find it still held for a moment by the old socket
+    (ZeroMQ closes asynchronously): an address in use is retried for ``BIND_RETRY_S``."""
     deadline = time.monotonic() + BIND_RETRY_S
     while True:
         try:
             socket.bind(address)
-            return socket, authenticator
+            return
         except zmq.ZMQError as error:
             if error.errno == errno.EADDRINUSE and time.monotonic() < deadline:
                 time.sleep(0.05)
                 continue
-            socket.close()
-            if authenticator is not None:
-                authenticator.stop()
+            socket.close(linger=0)
             raise OSError(f"cannot bind {address}: {error}") from None
 
 

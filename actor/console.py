@@ -29,7 +29,6 @@ import numpy as np
 import zmq
 
 from hardware_configs.schema import DashboardConfig
-from hardware_configs.teleop import OperatorEvent
 from transport import steerl_pb2 as pb
 from transport.codec import PROTOCOL_VERSION, ProtocolError, encode_tensor, parse_envelope
 from transport.zmq_link import bind_retrying

@@ -10,13 +10,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from hardware_configs.schema import SessionConfig
-
-log = logging.getLogger("steerl.dashboard")
 
 
 class DashboardRefused(RuntimeError):

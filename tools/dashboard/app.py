@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import struct
 import time
 from contextlib import asynccontextmanager
@@ -41,8 +40,6 @@ from fastapi.staticfiles import StaticFiles
 
 from tools.dashboard.hub import CommandRefused, TelemetryHub
 from tools.dashboard.sessions import SessionManager, SessionRefused
-
-log = logging.getLogger("steerl.dashboard")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATE_EVERY_S = 0.2

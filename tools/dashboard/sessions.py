@@ -28,6 +28,8 @@ from hardware_configs.schema import CONFIG_DIR, DashboardConfig, load_config, re
 
 # How long a stop request waits for the session to end by itself before SIGTERM.
 STOP_GRACE_S = 120.0
+# The end of a child's log the page shows.
+LOG_TAIL_BYTES = 2000
 
 
 class SessionRefused(RuntimeError):
@@ -58,7 +60,9 @@ class Job:
     def describe(self) -> dict[str, Any]:
         tail = ""
         try:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
+            with open(self.log_path, "rb") as log_file:
+                log_file.seek(max(0, log_file.seek(0, 2) - LOG_TAIL_BYTES))
+                tail = log_file.read().decode(errors="replace")
         except OSError:
             pass
         return {"kind": self.kind, "running": self.running, "exit_code": self.process.poll(),

@@ -102,7 +102,6 @@ class ConsoleLink:
         self.commands_received = 0
         self.commands_refused = 0
         self.stop_requested = False
-        self.sent = 0
 
     # -- commands ---------------------------------------------------------------------------------
     def read_events(self) -> list[str]:
@@ -167,7 +166,6 @@ class ConsoleLink:
             self._publisher.send(envelope.SerializeToString(), zmq.NOBLOCK)
         except zmq.Again:  # PUB drops rather than blocks; this is only for safety
             return False
-        self.sent += 1
         return True
 
     def close(self) -> None:

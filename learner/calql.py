@@ -54,8 +54,15 @@ Actor: SAC's loss, plus an optional behaviour-cloning term (``bc_weight`` = lamb
     L_pi = mean_batch [ alpha log pi(a~|s) - mean_i Q_i(sg(phi(s)), a~) ] + lambda mean_batch || a~ - a ||^2
 
 with a~ ~ pi(.|s) reparameterised and a the data's action (continuous dimensions). Temperature and
-targets as in SAC. With the gripper critic, the regulariser covers the continuous critics only; the
-discrete gripper head is trained as in SAC.
+targets as in SAC.
+
+Gripper critic (``sac.gripper_critic``, HIL-SERL's discrete open/stay/close head Q_g): its double-DQN
+loss (learner/sac.py) plus the same regulariser over its three classes, so that offline it does not
+over-estimate a class the data rarely took (a plain offline DQN head learns to "close" everywhere)::
+
+    L_g = L_DQN + alpha_c mean_batch [ tau_c logsumexp_c ( B(Q_g(s, c)) / tau_c ) - Q_g(s, c_data) ]
+
+with c_data the class the data's executed gripper value amounts to and B the calibration above.
 
 Implementation: :class:`CalQLAgent` subclasses :class:`~learner.sac.SACAgent` and only adds the two
 loss terms (through the agent's regulariser hooks); networks, optimisers, updates (``utd_ratio``
@@ -95,7 +102,8 @@ from gymnasium import spaces
 from hardware_configs.loader import ConfigError, load_dataclass, load_yaml, to_dict
 from hardware_configs.schema import SACConfig
 from learner.replay import Batch, ReplayBuffer, concatenate
-from learner.sac import SACAgent, TorchBatch
+from learner.sac import SACAgent, TorchBatch, gripper_labels
+from policies.gaussian import GRIPPER_WIDTH_KEY, gripper_closed
 
 log = logging.getLogger("steerl.learner.calql")
 
@@ -495,6 +503,24 @@ class CalQLAgent(SACAgent):
             "mc_return_mean": torch.where(finite, batch.mc_returns, 0.0).sum() / finite.sum().clamp(min=1),
         }
         return loss, metrics
+
+    def _gripper_loss(
+        self, batch: TorchBatch, features: torch.Tensor, next_features: torch.Tensor, target_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAC's gripper loss plus the conservative term over the three classes (module docstring)."""
+        td_loss, q_taken = super()._gripper_loss(batch, features, next_features, target_features)
+        if not isinstance(batch, CalQLBatch):
+            raise TypeError("CalQLAgent trains on CalQLBatch / ReturnBatch batches (they carry mc_returns)")
+        config = self.calql_config
+        with torch.no_grad():
+            labels = gripper_labels(batch.actions[:, -1], gripper_closed(batch.observations[GRIPPER_WIDTH_KEY],
+                                                                         self.policy.gripper_closed_below))
+        q_classes = self.policy.gripper_head(features)
+        q_data = q_classes.gather(1, labels[:, None]).squeeze(1)
+        if config.calibrated:
+            q_classes = torch.maximum(q_classes, batch.mc_returns[:, None])
+        ood_value = config.cql_temperature * torch.logsumexp(q_classes / config.cql_temperature, dim=1)
+        return td_loss + config.alpha_cql * (ood_value - q_data).mean(), q_taken
 
     def _actor_regularizer(
         self, batch: TorchBatch, actions: torch.Tensor, log_prob: torch.Tensor

@@ -14,7 +14,7 @@ import yaml
 from gymnasium import spaces
 
 from hardware_configs.loader import ConfigError, load_dataclass
-from hardware_configs.schema import SACConfig
+from hardware_configs.schema import GripperCriticConfig, SACConfig
 from learner.calql import (
     CalQLAgent,
     CalQLConfig,
@@ -29,6 +29,7 @@ from learner.calql import (
 from learner.replay import Batch, ReplayBuffer
 from learner.sac import SACAgent
 from policies.base import Policy
+from policies.gaussian import GRIPPER_CLOSE, GRIPPER_OPEN, GRIPPER_STAY
 from policies.vgps import QCritic, VGPSConfig, VGPSPolicy
 
 torch.set_num_threads(1)
@@ -278,6 +279,42 @@ def test_calql_ranks_data_actions_and_is_conservative_where_sac_overestimates() 
 
     steered = VGPSPolicy(Proposals(), QCritic.from_agent(calql), VGPSConfig(num_samples=8, temperature=0.0))
     assert steered.steer({"x": states}).indices.eq(0).all()
+
+
+def test_the_gripper_critic_is_conservative_about_classes_the_data_never_took() -> None:
+    """Offline data that always keeps the gripper open (class "stay" on an open gripper) at a cost of
+    -1 a step: a plain double-DQN gripper head leaves "close" near its initial value, far above the
+    data's; Cal-QL's term pushes both unseen classes below the data's class."""
+    space = spaces.Dict({"x": spaces.Box(-1, 1, (1,), np.float32),
+                         "gripper_width": spaces.Box(0.0, 0.1, (1,), np.float32)})
+    rng = np.random.default_rng(0)
+    buffer = ReplayBuffer(space, 2, capacity=1000, seed=0)
+    for _ in range(50):
+        x = rng.uniform(-1, 1, 1).astype(np.float32)
+        for t in range(10):
+            action = np.array([rng.uniform(-1, 1), -1.0], np.float32)
+            next_x = np.clip(x + 0.1 * action[:1], -1, 1).astype(np.float32)
+            open_width = np.array([0.08], np.float32)
+            buffer.add({"x": x, "gripper_width": open_width}, action, -1.0,
+                       {"x": next_x, "gripper_width": open_width}, False, t == 9)
+            x = next_x
+    sac = SACConfig(hidden_dims=(32, 32), batch_size=64, discount=0.8, critic_lr=3e-3,
+                    gripper_critic=GripperCriticConfig(enabled=True, toggle_penalty=0.0))
+    states = {"x": torch.linspace(-0.9, 0.9, 16)[:, None],
+              "gripper_width": torch.full((16, 1), 0.08)}
+
+    def gripper_values(alpha_cql: float) -> np.ndarray:
+        agent = train_offline(CalQLConfig(sac=sac, alpha_cql=alpha_cql, num_action_samples=2), buffer, 400,
+                              seed=0, log_every=400)
+        with torch.no_grad():
+            return agent.policy.gripper_head(agent.encoder(states)).mean(dim=0).numpy()  # open, stay, close
+
+    plain, conservative = gripper_values(0.0), gripper_values(5.0)
+    assert plain[GRIPPER_STAY] < -0.5  # the data's class learns its cost (true value -1 / (1 - 0.8) = -5)
+    assert plain[GRIPPER_CLOSE] > plain[GRIPPER_STAY] + 0.5  # unseen and over-estimated: greedy would close
+    assert conservative[GRIPPER_CLOSE] < conservative[GRIPPER_STAY] - 1.0
+    assert conservative[GRIPPER_OPEN] < conservative[GRIPPER_STAY] - 1.0
+    assert conservative.argmax() == GRIPPER_STAY
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,3 +135,15 @@ def test_sigterm_to_train_stops_its_robot_server_and_learner(tmp_path: Path) -> 
     finally:
         if train.poll() is None:
             train.kill()
+
+
+def test_record_demos_mixes_clean_episodes_into_a_noisy_buffer(tmp_path) -> None:
+    from learner.replay import ReplayBuffer
+    from tools.session import record_demos
+
+    config = configure("sim_panda_pick_cube")
+    result = record_demos(config, 2, tmp_path / "mixed", keep_failures=True, noise_std=1.0, clean_episodes=2)
+    assert result["episodes"] == 4
+    table = ReplayBuffer.load(tmp_path / "mixed").transition_table()
+    assert len(table["rewards"]) == result["transitions"]
+    assert table["terminated"].sum() >= 2  # the two clean episodes end in success

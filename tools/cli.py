@@ -248,7 +248,11 @@ def cmd_record_demos(args: argparse.Namespace) -> int:
 
     config = _training_config(args)
     out = args.out or f"demos/{config.name}"
-    result = record_demos(config, args.episodes, out, keep_failures=args.keep_failures, noise_std=args.noise)
+    if args.clean_episodes < 0:
+        print(f"steerl record-demos: --clean-episodes must be 0 or more, got {args.clean_episodes}", file=sys.stderr)
+        return 2
+    result = record_demos(config, args.episodes, out, keep_failures=args.keep_failures, noise_std=args.noise,
+                          clean_episodes=args.clean_episodes)
     print(f"recorded {result['episodes']} episodes ({result['transitions']} transitions, "
           f"{result['attempted']} attempted) into {result['path']}")
     return 0
@@ -596,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     demos.add_argument("--out", help="output directory (default demos/<config name>)")
     demos.add_argument("--keep-failures", action="store_true", help="keep unsuccessful episodes too")
     demos.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std added to the expert's actions")
+    demos.add_argument("--clean-episodes", type=int, default=0, metavar="N",
+                       help="also record N noise-free successful episodes into the same buffer (mixed-quality data)")
     demos.set_defaults(handler=cmd_record_demos)
 
     check = commands.add_parser(

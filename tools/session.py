@@ -354,18 +354,26 @@ def evaluate_policy(config: SessionConfig, policy, keys: tuple[str, ...], episod
 
 
 def record_demos(config: SessionConfig, episodes: int, out: str | Path, keep_failures: bool = False,
-                 noise_std: float = 0.0) -> dict:
-    """``steerl record-demos``: scripted-expert episodes saved as a replay buffer on disk."""
+                 noise_std: float = 0.0, clean_episodes: int = 0) -> dict:
+    """``steerl record-demos``: scripted-expert episodes saved as a replay buffer on disk; with
+    ``clean_episodes``, that many noise-free successful episodes come first in the same buffer
+    (mixed-quality offline data: a few clean demonstrations among noisy attempts)."""
     from learner.replay import ReplayBuffer
     from policies.scripted import ScriptedExpert
 
-    expert = ScriptedExpert(config.robot, noise_std=noise_std, seed=config.seed)
     with ExitStack() as stack:
         env = open_env(config, None, stack)
         stack.callback(env.close)
-        buffer = ReplayBuffer(env.observation_space, env.action_space.shape[0],
-                              capacity=max(1000, episodes * config.robot.task.max_episode_steps), seed=config.seed)
-        kept, attempted = record_episodes(env, expert.act, episodes, config.seed, keep_failures)
+        capacity = max(1000, (episodes + clean_episodes) * config.robot.task.max_episode_steps)
+        buffer = ReplayBuffer(env.observation_space, env.action_space.shape[0], capacity=capacity, seed=config.seed)
+        kept, attempted = [], 0
+        # Clean episodes from seeds after the noisy ones': the two sets never share a cube placement.
+        for count, noise, first_seed, keep in ((clean_episodes, 0.0, config.seed + 100_000, False),
+                                               (episodes, noise_std, config.seed, keep_failures)):
+            if count:
+                expert = ScriptedExpert(config.robot, noise_std=noise, seed=config.seed)
+                played, tried = record_episodes(env, expert.act, count, first_seed, keep)
+                kept, attempted = kept + played, attempted + tried
         for episode in kept:
             for step in episode.steps:
                 buffer.add(*step)

@@ -34,6 +34,8 @@ log = logging.getLogger("steerl.dashboard")
 
 # Telemetry older than this means no actor is live.
 LIVE_TIMEOUT_S = 3.0
+# How long a button press waits for the actor's command connection before it is refused.
+COMMAND_DELIVERY_TIMEOUT_MS = 1000
 # The largest telemetry message accepted (camera images included).
 MAX_TELEMETRY_BYTES = 64 * 1024 * 1024
 MAX_EPISODES = 5000
@@ -127,6 +129,10 @@ class TelemetryHub:
         self._commands.setsockopt(zmq.IMMEDIATE, 1)
         self._commands.setsockopt(zmq.SNDHWM, 16)
         self._commands.setsockopt(zmq.LINGER, 0)
+        # The actor's telemetry can arrive before this connection's handshake has finished (two
+        # independent TCP connections); a short send timeout rather than NOBLOCK bridges that gap
+        # instead of refusing a button pressed in the first moments of a session.
+        self._commands.setsockopt(zmq.SNDTIMEO, COMMAND_DELIVERY_TIMEOUT_MS)
         self._commands.connect(config.dashboard.command_address)
         self._command_lock = threading.Lock()
         self._robot = None
@@ -252,7 +258,7 @@ class TelemetryHub:
             result["robot"] = self._hold_robot(origin)
         with self._command_lock:
             try:
-                self._commands.send(operator_command_frame(event, stop_session, origin), zmq.NOBLOCK)
+                self._commands.send(operator_command_frame(event, stop_session, origin))
                 result["actor"] = "delivered"
             except zmq.Again:
                 result["actor"] = "no actor connected"

@@ -16,6 +16,12 @@ periodic evaluation reached the target. The curves are drawn into a PNG with Ope
     python benchmarks/learning.py --config sim_panda_pick_cube --steps 30000 --compare-without-demos \\
         --png benchmarks/results/learning_pick_cube.png --json benchmarks/results/learning_pick_cube.json
 
+Several ``--seed`` values train every variant once per seed; the human-in-the-loop comparison then
+uses the median steps to the target over the seeds (one seed's luck decides too much on its own)::
+
+    python benchmarks/learning.py --compare-with-operator --seed 1 2 3 --steps 12000 --eval-every 10 \\
+        --parallel --work-dir runs/hil --png benchmarks/results/hil.png --json benchmarks/results/hil.json
+
 ``--quick`` shrinks everything to a smoke run (a few hundred steps; no learning is expected).
 """
 
@@ -154,6 +160,44 @@ def operator_comparison(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def median_steps(values: list[int | None]) -> float | None:
+    """The median of steps-to-target over seeds, a run that never got there counting as infinitely
+    many steps (so a minority of such runs does not hide, and a majority makes the median None)."""
+    ordered = sorted(float("inf") if value is None else float(value) for value in values)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return None if median == float("inf") else median
+
+
+def operator_comparison_over_seeds(per_seed: dict[int, dict[str, dict[str, Any]]], steps: int) -> dict[str, Any]:
+    """:func:`operator_comparison` over several seeds: the operator variant's median steps to the
+    target over the demos variant's median (at most 0.5; where the demos variant's median run never
+    got there within ``steps``, the ratio is at most the operator's median over ``steps`` and is
+    reported as that bound), and the intervention rate falling in every seed."""
+    ratios, medians = {}, {}
+    for key in ("first_step_at_target", "first_step_at_target_confirmed"):
+        demos = median_steps([variants["demos"][key] for variants in per_seed.values()])
+        operator = median_steps([variants["operator"][key] for variants in per_seed.values()])
+        medians[key] = {"demos": demos, "operator": operator}
+        if operator is not None:
+            ratios[key] = operator / (demos if demos is not None else steps)
+    single = {seed: operator_comparison(variants) for seed, variants in per_seed.items()}
+    return {
+        "median_steps_to_target": medians,
+        "steps_ratio_operator_over_demos": ratios,
+        "steps_ratio_per_seed": {str(seed): result["steps_ratio_operator_over_demos"] for seed, result in single.items()},
+        "intervention_rate_by_bin_per_seed": {str(seed): result["intervention_rate_by_bin"]
+                                              for seed, result in single.items()},
+        "targets": {
+            "operator_halves_median_steps_to_target_first_eval": bool(ratios.get("first_step_at_target", 1.0) <= 0.5),
+            "operator_halves_median_steps_to_target_confirmed": bool(
+                ratios.get("first_step_at_target_confirmed", 1.0) <= 0.5),
+            "operator_intervention_rate_falls_every_seed": all(
+                result["targets"]["operator_intervention_rate_falls"] for result in single.values()),
+        },
+    }
+
+
 def binned_episode_rates(episodes: list[dict[str, float]], bin_steps: int) -> list[dict[str, float]]:
     """Training episodes grouped by the env step at which they ended, ``bin_steps`` per group: the
     mean training success and operator intervention rate of each group."""
@@ -210,6 +254,47 @@ def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, pat
         raise OSError(f"could not write {path}")
 
 
+def run_seed(config: SessionConfig, plan: dict[str, int], steps: int, eval_episodes: int, demos_dir: Path,
+             work: Path, png: Path | None, teleop: str | None, parallel: bool) -> dict[str, Any]:
+    """Train and evaluate every variant of ``plan`` (name -> demos) with ``config``'s seed."""
+    work.mkdir(parents=True, exist_ok=True)
+
+    def train(name: str) -> dict[str, Any]:
+        variant = config
+        if name == "operator":
+            variant = dataclasses.replace(config, actor=dataclasses.replace(config.actor, teleop=teleop))
+        config_file = save_config(with_own_ports(variant), work / f"{name}.yaml")
+        print(f"[{name} seed {config.seed}] training {config.name} for {steps} env steps ...", flush=True)
+        result = run_variant(name, config_file, work, steps, plan[name], eval_episodes, demos_dir=demos_dir)
+        best = result["best_policy_eval"]
+        print(f"[{name} seed {config.seed}] final success {result['final_eval']['success_rate']:.0%} over "
+              f"{eval_episodes} episodes; best-evaluated policy "
+              + ("-" if best is None else f"{best['success_rate']:.0%} (from {best['selected_by']['env_steps']} steps)")
+              + f"; {result['train_wall_s']:.0f} s; curve "
+              + ", ".join(f"{p['env_steps']}:{p['success_rate']:.0%}" for p in result["curve"]), flush=True)
+        return result
+
+    with ThreadPoolExecutor(max_workers=len(plan) if parallel else 1) as pool:
+        variants = dict(zip(plan, pool.map(train, plan)))
+    if png:
+        draw_curves(variants, steps, f"{config.name}: evaluation success (seed {config.seed})", png)
+        print(f"wrote {png}")
+    results: dict[str, Any] = {
+        "variants": variants,
+        "targets": {
+            f"demos_final_ge_{TARGET_SUCCESS:.0%}": bool(
+                "demos" in variants and variants["demos"]["final_eval"]["success_rate"] >= TARGET_SUCCESS),
+            f"demos_best_policy_ge_{TARGET_SUCCESS:.0%}": bool(
+                "demos" in variants and variants["demos"]["best_policy_eval"] is not None
+                and variants["demos"]["best_policy_eval"]["success_rate"] >= TARGET_SUCCESS),
+        },
+    }
+    if "demos" in variants and "operator" in variants:
+        results["operator_comparison"] = comparison = operator_comparison(variants)
+        results["targets"].update(comparison["targets"])
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="sim_panda_pick_cube")
@@ -225,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-demos-variant", action="store_true",
                         help="do not train the plain demos variant (e.g. to run the operator variant alone)")
     parser.add_argument("--eval-episodes", type=int, default=50, help="held-out episodes of the final evaluations")
-    parser.add_argument("--seed", type=int, help="the session seed (default: the config's); one per run of a "
-                                                  "multi-seed comparison")
+    parser.add_argument("--seed", type=int, nargs="+", metavar="SEED",
+                        help="session seeds (default: the config's); with several, every variant trains once per "
+                             "seed (under WORK/seed_SEED) and the comparison uses the median over seeds")
     parser.add_argument("--eval-every", type=int, metavar="EPISODES",
                         help="training episodes between periodic evaluations (default: the config's "
                              "actor.eval_every_episodes); smaller resolves the steps to the target more finely")
@@ -241,71 +327,49 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()  # before the runs: its load average is the machine's before we loaded it
     config = load_config(args.config)
     steps, eval_episodes = args.steps, args.eval_episodes
-    if args.seed is not None:
-        config = dataclasses.replace(config, seed=args.seed)
     if args.eval_every:
         config = dataclasses.replace(config, actor=dataclasses.replace(config.actor, eval_every_episodes=args.eval_every))
     if args.quick:
         config, steps, eval_episodes = quick_config(config), 300, 3
+    plan: dict[str, int] = {}
+    if not args.skip_demos_variant:
+        plan["demos" if args.demos else "no_demos"] = args.demos
+    if args.compare_without_demos and args.demos:
+        plan["no_demos"] = 0
+    if args.compare_with_operator:
+        plan["operator"] = args.demos
+    if not plan:
+        parser.error("nothing to run: --skip-demos-variant needs --compare-without-demos or --compare-with-operator")
+    seeds = args.seed or [config.seed]
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seed: each seed once, got {seeds}")
     with tempfile.TemporaryDirectory(prefix="steerl-learning-") as scratch:
         work = args.work_dir or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        plan: dict[str, int] = {}
-        if not args.skip_demos_variant:
-            plan["demos" if args.demos else "no_demos"] = args.demos
-        if args.compare_without_demos and args.demos:
-            plan["no_demos"] = 0
-        if args.compare_with_operator:
-            plan["operator"] = args.demos
-        if not plan:
-            parser.error("nothing to run: --skip-demos-variant needs --compare-without-demos or --compare-with-operator")
         if args.demos:
-            # Recorded once, before the variants start, so that a parallel run cannot race on it.
+            # Recorded once, before any variant starts (a parallel run cannot race on it), and shared
+            # by every seed: the seeds vary the training, not the demonstrations.
             steerl("record-demos", "--config", str(save_config(config, work / "record.yaml")), "-n", str(args.demos),
                    "--out", str(work / "demos"), "--noise", str(args.demo_noise), log_path=work / "demos.log")
-
-        def train(name: str) -> dict[str, Any]:
-            variant = config
-            if name == "operator":
-                actor = dataclasses.replace(config.actor, teleop=args.compare_with_operator)
-                variant = dataclasses.replace(config, actor=actor)
-            config_file = save_config(with_own_ports(variant), work / f"{name}.yaml")
-            print(f"[{name}] training {config.name} for {steps} env steps ...", flush=True)
-            result = run_variant(name, config_file, work, steps, plan[name], eval_episodes)
-            best = result["best_policy_eval"]
-            print(f"[{name}] final success {result['final_eval']['success_rate']:.0%} over {eval_episodes} "
-                  f"episodes; best-evaluated policy "
-                  + ("-" if best is None else f"{best['success_rate']:.0%} (from {best['selected_by']['env_steps']} steps)")
-                  + f"; {result['train_wall_s']:.0f} s; curve "
-                  + ", ".join(f"{p['env_steps']}:{p['success_rate']:.0%}" for p in result["curve"]), flush=True)
-            return result
-
-        with ThreadPoolExecutor(max_workers=len(plan) if args.parallel else 1) as pool:
-            variants = dict(zip(plan, pool.map(train, plan)))
-        if args.png:
-            draw_curves(variants, steps, f"{config.name}: evaluation success (seed {config.seed})", args.png)
-            print(f"wrote {args.png}")
-    results = {
-        "machine": machine,
-        "quick": args.quick,
-        "config": config.name,
-        "seed": config.seed,
-        "steps": steps,
-        "demo_noise": args.demo_noise,
-        "parallel": args.parallel,
-        "variants": variants,
-        "targets": {
-            f"demos_final_ge_{TARGET_SUCCESS:.0%}": bool(
-                "demos" in variants and variants["demos"]["final_eval"]["success_rate"] >= TARGET_SUCCESS),
-            f"demos_best_policy_ge_{TARGET_SUCCESS:.0%}": bool(
-                "demos" in variants and variants["demos"]["best_policy_eval"] is not None
-                and variants["demos"]["best_policy_eval"]["success_rate"] >= TARGET_SUCCESS),
-        },
-    }
-    if "demos" in variants and "operator" in variants:
-        results["operator_comparison"] = comparison = operator_comparison(variants)
-        results["targets"].update(comparison["targets"])
-        print_targets(comparison["targets"])
+        per_seed = {}
+        for seed in seeds:
+            seed_work = work if len(seeds) == 1 else work / f"seed_{seed}"
+            png = args.png if args.png is None or len(seeds) == 1 else args.png.with_stem(f"{args.png.stem}_seed{seed}")
+            per_seed[seed] = run_seed(dataclasses.replace(config, seed=seed), plan, steps, eval_episodes, work / "demos",
+                                      seed_work, png, args.compare_with_operator, args.parallel)
+    common = {"machine": machine, "quick": args.quick, "config": config.name, "steps": steps,
+              "demo_noise": args.demo_noise, "parallel": args.parallel}
+    if len(seeds) == 1:
+        results = {**common, "seed": seeds[0], **per_seed[seeds[0]]}
+        if "operator_comparison" in results:
+            print_targets(results["operator_comparison"]["targets"])
+    else:
+        results = {**common, "seeds": seeds, "per_seed": {str(seed): result for seed, result in per_seed.items()}}
+        if all("operator_comparison" in result for result in per_seed.values()):
+            results["operator_comparison"] = comparison = operator_comparison_over_seeds(
+                {seed: result["variants"] for seed, result in per_seed.items()}, steps)
+            results["targets"] = comparison["targets"]
+            print_targets(comparison["targets"])
     write_json(args.json, results)
     return 0
 

@@ -133,6 +133,38 @@ def test_steps_to_target_and_the_operator_comparison() -> None:
     assert not operator_comparison({"demos": demos, "operator": stubborn})["targets"]["operator_intervention_rate_falls"]
 
 
+def test_the_operator_comparison_over_seeds_uses_medians() -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.learning import median_steps, operator_comparison_over_seeds
+
+    assert median_steps([3000, None, 1000]) == 3000 and median_steps([None, None, 1000]) is None
+    assert median_steps([1000, 3000]) == 2000 and median_steps([1000, None]) is None
+
+    def run(first: int | None, confirmed: int | None, *rates: float) -> dict:
+        return {"first_step_at_target": first, "first_step_at_target_confirmed": confirmed,
+                "training_episodes": [{"episodes": 20, "intervention_rate": rate} for rate in rates]}
+
+    per_seed = {1: {"demos": run(4000, 8000), "operator": run(2000, 2000, 0.4, 0.1)},
+                2: {"demos": run(6000, None), "operator": run(1000, 4000, 0.3, 0.05)},
+                3: {"demos": run(2000, 3000), "operator": run(2500, 2500, 0.2, 0.1)}}
+    result = operator_comparison_over_seeds(per_seed, steps=12_000)
+    assert result["median_steps_to_target"]["first_step_at_target"] == {"demos": 4000, "operator": 2000}
+    assert result["steps_ratio_operator_over_demos"]["first_step_at_target"] == 0.5
+    assert result["steps_ratio_operator_over_demos"]["first_step_at_target_confirmed"] == 2500 / 8000
+    assert result["steps_ratio_per_seed"]["3"]["first_step_at_target"] == 1.25  # one seed's ratio can be poor
+    assert result["targets"] == {"operator_halves_median_steps_to_target_first_eval": True,
+                                 "operator_halves_median_steps_to_target_confirmed": True,
+                                 "operator_intervention_rate_falls_every_seed": True}
+    # The demos variant's median run never confirmed the target: the ratio is bounded by the budget.
+    per_seed[1]["demos"] = run(4000, None)
+    bounded = operator_comparison_over_seeds(per_seed, steps=12_000)
+    assert bounded["median_steps_to_target"]["first_step_at_target_confirmed"]["demos"] is None
+    assert bounded["steps_ratio_operator_over_demos"]["first_step_at_target_confirmed"] == 2500 / 12_000
+    # One seed whose operator share does not fall fails that target.
+    per_seed[2]["operator"] = run(1000, 4000, 0.3, 0.3)
+    assert not operator_comparison_over_seeds(per_seed, 12_000)["targets"]["operator_intervention_rate_falls_every_seed"]
+
+
 def test_camera_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "cameras.json"
     completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cameras.py"), "--quick", "--json", str(out)],

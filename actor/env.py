@@ -123,20 +123,33 @@ class ZmqRobotLink:
         handshake.handshake.role = role
         handshake.handshake.spaces_hash = expected_spaces_hash
         handshake.handshake.config_hashes.update(config_section_hashes(config))
+        self._handshake = handshake
         reply = self._call(handshake, "handshake").handshake_reply
         self.session_id = reply.session_id
         self.spaces = spaces_from_pb(reply.spaces)
         self.server_config_name = reply.config_name
+        # Joining again later must find the very same spaces (a restarted server with other fields is refused).
+        handshake.handshake.spaces_hash = self.spaces.digest()
         log.info("connected to robot server %s (%s, %s backend)", reply.session_id, reply.config_name,
                  reply.backend)
 
-    def _call(self, envelope: pb.Envelope, what: str) -> pb.Envelope:
+    def _call(self, envelope: pb.Envelope, what: str, rejoin: bool = False) -> pb.Envelope:
+        """One request; with ``rejoin``, a controller that the server no longer knows (it stayed
+        silent past the server's client expiry, e.g. while the actor waited for its learner, or the
+        server restarted) handshakes again and repeats the request once."""
         try:
             return self._client.call(envelope, self._timeout_ms)
         except LinkTimeout as error:
             self._client.reconnect()
             raise RobotLinkError(f"{what}: {error}") from None
         except RemoteError as error:
+            if (rejoin and error.code == pb.ERROR_NOT_CONTROLLER
+                    and self._handshake.handshake.role == pb.ROLE_CONTROLLER):
+                log.warning("%s refused (%s): handshaking with the robot server again", what, error)
+                reply = self._call(self._handshake, "handshake").handshake_reply
+                log.info("rejoined robot server %s as controller", reply.session_id)
+                self.session_id = reply.session_id
+                return self._call(envelope, what)
             if error.code == pb.ERROR_EMERGENCY_STOPPED:
                 raise RobotEmergencyStopped(f"{what} refused by the robot server: {error}") from None
             raise RobotLinkError(f"{what} refused by the robot server: {error}") from None
@@ -145,7 +158,9 @@ class ZmqRobotLink:
         request = pb.Envelope()
         request.reset.has_seed = seed is not None
         request.reset.seed = seed or 0
-        reply = self._call(request, "reset").reset_reply
+        # Only a reset rejoins: it starts a new episode anyway, where a repeated step would act on
+        # an episode the server has already ended.
+        reply = self._call(request, "reset", rejoin=True).reset_reply
         return decode_observation(reply.observation), dict(reply.info)
 
     def step(self, action: np.ndarray) -> StepOutcome:

@@ -347,3 +347,35 @@ def test_robot_server_process_stops_cleanly_on_sigterm(tmp_path, kinematic_confi
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_forgotten_controller_rejoins_at_its_next_reset_but_never_replays_a_step(kinematic_config,
+                                                                                  monkeypatch) -> None:
+    import dataclasses
+
+    import robot_server.server as server_module
+
+    # An actor that waits long for its learner between episodes says nothing to the robot server
+    # meanwhile; the server forgets it after its client expiry (shortened here).
+    monkeypatch.setattr(server_module, "CLIENT_EXPIRY_S", 0.3)
+    config = dataclasses.replace(kinematic_config, server=dataclasses.replace(
+        kinematic_config.server, controller_lease_ms=300))
+    with running_server(config) as server:
+        link = ZmqRobotLink(dataclasses.replace(config, env=dataclasses.replace(config.env, address=server.address)))
+        zero = np.zeros(link.spaces.action_space().shape, np.float32)
+        link.reset(0)
+        link.step(zero)
+        time.sleep(0.8)
+        with pytest.raises(RobotLinkError, match="send a handshake first"):
+            link.step(zero)  # the episode is gone: a step is not repeated after rejoining
+        observation, _ = link.reset(1)  # a new episode: handshake again, then reset
+        assert set(observation) == set(link.spaces.observation_space().spaces)
+        link.step(zero)
+        # Forgotten again while another client took control: the rejoin is refused, and says why.
+        time.sleep(0.8)
+        other = RpcClient(server.address)
+        _handshake(other, name="other")
+        with pytest.raises(RobotLinkError, match="controlled by 'other'"):
+            link.reset(2)
+        other.close()
+        link.close()

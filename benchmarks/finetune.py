@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             variants = dict(zip(plan, pool.map(train, plan)))
         if args.png:
             draw_curves(variants, steps, f"{config.name}: online fine-tuning after Cal-QL "
-                                         f"(pre-trained {pretrained['success_rate']:.0%})", args.png)
+                                         f"(pre-trained {pretrained['success_rate']:.0%})", args.png,
+                        start_success={name: pretrained["success_rate"] for name in variants if name != "rlpd"})
             print(f"wrote {args.png}")
 
     wsrl, rlpd = variants["wsrl"], variants["rlpd"]

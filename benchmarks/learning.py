@@ -210,8 +210,10 @@ def binned_episode_rates(episodes: list[dict[str, float]], bin_steps: int) -> li
             for index, group in sorted(bins.items())]
 
 
-def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, path: Path) -> None:
-    """Success rate against env steps, one polyline per variant (OpenCV, no plotting library)."""
+def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, path: Path,
+                start_success: dict[str, float] | None = None) -> None:
+    """Success rate against env steps, one polyline per variant (OpenCV, no plotting library).
+    Each line starts at step 0 from ``start_success[name]`` (a pre-trained policy's success), else 0."""
     steps = max([steps] + [p["env_steps"] for result in variants.values() for p in result["curve"]])
     width, height, left, right, top, bottom = 900, 560, 80, 30, 50, 110
     image = np.full((height, width, 3), 255, np.uint8)
@@ -238,7 +240,7 @@ def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, pat
     cv2.putText(image, title, (left, 30), font, 0.6, (20, 20, 20), 1, cv2.LINE_AA)
     for index, (name, result) in enumerate(variants.items()):
         colour = CURVE_COLOURS_BGR.get(name, (120, 60, 160))
-        points = [to_pixel(0, 0.0)] + [to_pixel(p["env_steps"], p["success_rate"]) for p in result["curve"]]
+        points = [to_pixel(0, (start_success or {}).get(name, 0.0))] + [to_pixel(p["env_steps"], p["success_rate"]) for p in result["curve"]]
         cv2.polylines(image, [np.array(points, np.int32)], False, colour, 2, cv2.LINE_AA)
         for point in points[1:]:
             cv2.circle(image, point, 3, colour, -1, cv2.LINE_AA)

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="HIL-SERL's discrete gripper critic in every variant (Cal-QL keeps it conservative)")
     parser.add_argument("--cql-samples", type=int, default=4, help="actions per proposal in the regulariser")
     parser.add_argument("--warmup-steps", type=int, default=2_000, help="WSRL's warm-up (env steps, no updates)")
+    parser.add_argument("--actor-delay-updates", type=int, default=0,
+                        help="learner.warm_start.actor_delay_updates of the warm-started variants (critic-only updates)")
     parser.add_argument("--eval-every", type=int, default=20, help="episodes between periodic evaluations")
     parser.add_argument("--eval-episodes-periodic", type=int, default=10)
     parser.add_argument("--eval-episodes", type=int, default=50, help="held-out episodes of the final evaluations")
@@ -107,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                                 eval_episodes=args.eval_episodes_periodic)
     sac = config.learner.sac
     sac = dataclasses.replace(sac, gripper_critic=dataclasses.replace(sac.gripper_critic, enabled=args.gripper_critic))
-    config = dataclasses.replace(config, actor=actor, learner=dataclasses.replace(config.learner, sac=sac))
+    warm_start = dataclasses.replace(config.learner.warm_start, actor_delay_updates=args.actor_delay_updates)
+    config = dataclasses.replace(config, actor=actor, learner=dataclasses.replace(config.learner, sac=sac,
+                                                                                  warm_start=warm_start))
     clean_episodes = args.clean_episodes
     if args.quick:
         config = quick_config(config)

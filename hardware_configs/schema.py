@@ -676,6 +676,10 @@ class WarmStartConfig:
     # Replay buffer directories (steerl record-demos, a checkpoint's online/) sampled at
     # offline_ratio; needed when offline_ratio > 0.
     offline_data: tuple[str, ...] = ()
+    # The first this-many updates after the warm-up train the critics only (the actor and the
+    # temperature wait): the pre-trained critics recalibrate to the online returns before the
+    # pre-trained policy follows their gradients. 0 is WSRL's choice.
+    actor_delay_updates: int = 0
     # Keep the checkpoint's Adam moments (WSRL restores the whole agent state); false starts the
     # optimisers afresh. The learning rates are always this config's.
     load_optimizers: bool = True
@@ -696,6 +700,8 @@ class WarmStartConfig:
     def validate(self) -> None:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
+        if self.actor_delay_updates < 0:
+            raise ValueError(f"actor_delay_updates must be non-negative, got {self.actor_delay_updates}")
         if not 0.0 <= self.offline_ratio < 1.0:
             raise ValueError(f"offline_ratio must lie in [0, 1), got {self.offline_ratio}")
         if self.offline_ratio > 0.0 and not self.offline_data:

@@ -455,7 +455,12 @@ class Learner:
         batch, from_offline = self._sample_with_sources()
         if self.q_log is not None and self.q_log.due(self.updates):
             self._log_q_values(batch, from_offline)
-        metrics = self.agent.update(batch)
+        if self.warm_start.enabled and self.updates == self.warm_start.actor_delay_updates > 0:
+            log.info("warm start: the actor updates from now on (%d critic-only updates done)", self.updates)
+        if self.warm_start.enabled and self.updates < self.warm_start.actor_delay_updates:
+            metrics = self.agent.update(batch, update_actor=False)
+        else:
+            metrics = self.agent.update(batch)
         self.updates += 1
         if self.settings.algorithm == "parl" and self.updates % self.settings.parl.distill_every_updates == 0:
             metrics.update(self.agent.distill())

@@ -331,10 +331,11 @@ class SACAgent:
         """The fields this agent reads, as tensors on its device."""
         return batch_to_torch(batch, self.device, self._batch_keys)
 
-    def update(self, batch: Any) -> dict[str, float]:
+    def update(self, batch: Any, update_actor: bool = True) -> dict[str, float]:
         """``utd_ratio`` critic steps on consecutive minibatches, then one actor + temperature step
-        on the last one. ``batch``: a replay Batch (numpy) or a :class:`TorchBatch` whose row count
-        is a multiple of ``utd_ratio``. Returns float metrics (one device sync)."""
+        on the last one (none with ``update_actor=False``: critics only). ``batch``: a replay Batch
+        (numpy) or a :class:`TorchBatch` whose row count is a multiple of ``utd_ratio``. Returns
+        float metrics (one device sync)."""
         data = batch if isinstance(batch, TorchBatch) else self.batch_to_torch(batch)
         utd = self.config.utd_ratio
         rows = data.rewards.shape[0]
@@ -346,7 +347,7 @@ class SACAgent:
             minibatch = data.rows(index * size, (index + 1) * size)
             prepared_observation, metrics = self._critic_step(minibatch)
             critic_metrics.append(metrics)
-        actor_metrics = self._actor_and_temperature_step(prepared_observation, minibatch)
+        actor_metrics = self._actor_and_temperature_step(prepared_observation, minibatch) if update_actor else {}
         self.update_count += 1
 
         names = list(critic_metrics[0])

@@ -19,6 +19,8 @@ that distribution shift, and a short **warm-up** removes it cheaply. So:
    ``offline_data``, for comparison), with the RL core's critic ensemble and update-to-data ratio
    (learner/sac.py: E LayerNorm critics, a random-subset min target, ``utd_ratio`` critic steps
    per env step). The conservative term of Cal-QL is gone: the online learner is SAC.
+   Optionally (``actor_delay_updates``, not in WSRL) the first updates train the critics only, so
+   that the pre-trained policy does not follow the gradients of critics still recalibrating.
 
 In steerl (learner/learner.py calls into this module):
 

@@ -226,6 +226,32 @@ def test_no_update_during_the_warm_up_then_one_per_env_step_with_the_q_values_lo
     assert summary["algorithm"] == "sac" and agent.publish_policy() == own_policy
 
 
+def test_the_actor_waits_actor_delay_updates_while_the_critics_recalibrate(calql_run, tmp_path) -> None:
+    config = session(WarmStartConfig(checkpoint=str(calql_run), warmup_steps=20, actor_delay_updates=6))
+    learner = Learner(config, tmp_path / "run", spaces=point_spaces())
+    try:
+        def actor_and_critic() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+            tensors = network_tensors(learner.agent.checkpoint_tensors())
+            return ({name: t.clone() for name, t in tensors.items() if name.startswith("actor.")},
+                    {name: t.clone() for name, t in tensors.items() if name.startswith("critic.")})
+
+        pretrained_actor, pretrained_critic = actor_and_critic()
+        assert pretrained_actor and pretrained_critic
+        temperature = learner.agent.log_alpha.item()
+        step = feed(learner, 26)
+        assert train_while_ready(learner) == 6
+        actor, critic = actor_and_critic()
+        assert all(torch.equal(actor[name], pretrained_actor[name]) for name in actor)  # the actor waited
+        assert learner.agent.log_alpha.item() == temperature
+        assert any(not torch.equal(critic[name], pretrained_critic[name]) for name in critic)
+        feed(learner, 1, start=step, episode=1)
+        assert train_while_ready(learner) == 1  # the seventh update moves the actor
+        actor, _ = actor_and_critic()
+        assert any(not torch.equal(actor[name], pretrained_actor[name]) for name in actor)
+    finally:
+        learner.close()
+
+
 @pytest.mark.parametrize("offline_ratio", [0.0, 0.5])
 def test_the_offline_share_of_each_minibatch_is_offline_ratio(calql_run, tmp_path, offline_ratio) -> None:
     offline = tmp_path / "offline"
@@ -314,6 +340,7 @@ def test_an_actor_in_other_spaces_is_refused_and_the_learner_stops_with_the_reas
     ("offline_ratio: 0.5", "learner.warm_start: offline_ratio 0.5 needs offline_data"),
     ("offline_ratio: 1.0\n    offline_data: [d]", "offline_ratio must lie in [0, 1)"),
     ("warmup_steps: -1", "warmup_steps must be non-negative"),
+    ("actor_delay_updates: -5", "actor_delay_updates must be non-negative"),
     ("warmup_step: 10", "learner.warm_start.warmup_step: unknown field"),
 ])
 def test_warm_start_config_errors_name_the_field(tmp_path, text, expected) -> None:

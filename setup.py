@@ -41,8 +41,10 @@ setup(
         "pygame>=2.5",
         "hidapi>=0.14",
         # Generalist policies (policies/): the OpenVLA adapter loads checkpoints through
-        # transformers; the diffusion policy uses the diffusers noise schedulers.
-        "transformers>=5.0",
+        # transformers; the diffusion policy uses the diffusers noise schedulers. transformers 5.25 loads an
+        # image processor only when its class declares `valid_kwargs`, which OpenVLA's published remote code
+        # (PrismaticImageProcessor) does not: below 5.25 until the checkpoints catch up.
+        "transformers>=5.0,<5.25",
         "diffusers>=0.35",
         # PA-RL (learner/parl.py) fine-tunes OpenVLA through LoRA adapters (pulls in accelerate).
         "peft>=0.21",

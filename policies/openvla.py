@@ -623,6 +623,7 @@ class OpenVLAPolicy(Policy):
     """
 
     def __init__(self, config: OpenVLAConfig) -> None:
+        import transformers
         from transformers import AutoConfig, AutoProcessor
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -658,7 +659,14 @@ class OpenVLAPolicy(Policy):
         if not placement:
             self.model.to(device)
         self.model.eval()
-        self.processor = AutoProcessor.from_pretrained(root, trust_remote_code=True, local_files_only=True)
+        try:
+            self.processor = AutoProcessor.from_pretrained(root, trust_remote_code=True, local_files_only=True)
+        except AttributeError as error:
+            if "valid_kwargs" not in str(error):
+                raise
+            raise RuntimeError(f"{root}: transformers {transformers.__version__} cannot load this checkpoint's image "
+                               "processor (its remote code declares no `valid_kwargs`); install transformers<5.25 "
+                               "as setup.py pins") from error
         self.checkpoint = root
 
     # -- Policy interface ------------------------------------------------------------------------

@@ -54,6 +54,9 @@ HELD_OUT_SEED = 7_919
 CURVE_COLOURS_BGR = {"demos": (40, 120, 220), "no_demos": (60, 160, 60), "operator": (160, 60, 160),
                      "wsrl": (40, 120, 220), "wsrl_no_warmup": (60, 160, 60), "rlpd": (160, 60, 160)}
 INTERVENTION_BIN_STEPS = 2_500
+# The bins of the training-episode curves drawn (the targets use INTERVENTION_BIN_STEPS).
+TRAINING_CURVE_BIN_STEPS = 1_000
+MIN_EPISODES_PER_POINT = 3
 
 
 def steerl(*arguments: str, log_path: Path) -> float:
@@ -125,6 +128,7 @@ def run_variant(name: str, config_file: Path, work: Path, steps: int, demos: int
         "best_policy_eval": best,
         **steps_to_target(curve),
         "training_episodes": binned_episode_rates(episodes, INTERVENTION_BIN_STEPS),
+        "training_curve": binned_episode_rates(episodes, TRAINING_CURVE_BIN_STEPS),
         "run_dir": str(run_dir),
     }
 
@@ -210,12 +214,12 @@ def binned_episode_rates(episodes: list[dict[str, float]], bin_steps: int) -> li
             for index, group in sorted(bins.items())]
 
 
-def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, path: Path,
-                start_success: dict[str, float] | None = None) -> None:
-    """Success rate against env steps, one polyline per variant (OpenCV, no plotting library).
-    Each line starts at step 0 from ``start_success[name]`` (a pre-trained policy's success), else 0."""
-    steps = max([steps] + [p["env_steps"] for result in variants.values() for p in result["curve"]])
-    width, height, left, right, top, bottom = 900, 560, 80, 30, 50, 110
+def draw_lines(lines: list[tuple[str, tuple[int, int, int], list[tuple[float, float]]]], steps: int, title: str,
+               path: Path, target: float | None = TARGET_SUCCESS) -> None:
+    """Rates in [0, 1] against env steps, one labelled polyline per ``(label, colour_bgr, points)``
+    (OpenCV, no plotting library); ``target`` draws a grey line across."""
+    steps = max([steps] + [int(step) for _, _, points in lines for step, _ in points])
+    width, height, left, right, top, bottom = 900, 540 + 22 * len(lines), 80, 30, 50, 70 + 22 * len(lines)
     image = np.full((height, width, 3), 255, np.uint8)
     plot_w, plot_h = width - left - right, height - top - bottom
 
@@ -233,27 +237,68 @@ def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, pat
         x = to_pixel(tick, 0.0)[0]
         cv2.line(image, (x, top), (x, top + plot_h), (235, 235, 235), 1)
         cv2.putText(image, f"{int(tick):,}", (x - 25, top + plot_h + 22), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
-    target_y = to_pixel(0, TARGET_SUCCESS)[1]
-    cv2.line(image, (left, target_y), (width - right, target_y), (160, 160, 160), 1, cv2.LINE_AA)
+    if target is not None:
+        target_y = to_pixel(0, target)[1]
+        cv2.line(image, (left, target_y), (width - right, target_y), (160, 160, 160), 1, cv2.LINE_AA)
     cv2.rectangle(image, (left, top), (left + plot_w, top + plot_h), (80, 80, 80), 1)
     cv2.putText(image, "env steps", (width - right - 80, top + plot_h + 45), font, 0.55, (40, 40, 40), 1, cv2.LINE_AA)
     cv2.putText(image, title, (left, 30), font, 0.6, (20, 20, 20), 1, cv2.LINE_AA)
-    for index, (name, result) in enumerate(variants.items()):
-        colour = CURVE_COLOURS_BGR.get(name, (120, 60, 160))
-        points = [to_pixel(0, (start_success or {}).get(name, 0.0))] + [to_pixel(p["env_steps"], p["success_rate"]) for p in result["curve"]]
-        cv2.polylines(image, [np.array(points, np.int32)], False, colour, 2, cv2.LINE_AA)
-        for point in points[1:]:
-            cv2.circle(image, point, 3, colour, -1, cv2.LINE_AA)
-        final = result["final_eval"]["success_rate"]
-        best = result.get("best_policy_eval")
-        best_text = "" if best is None else (f", best-evaluated policy ({best['selected_by']['env_steps']:,} steps) "
-                                             f"{best['success_rate']:.0%}")
-        label = (f"{name}: final {final:.0%} over {result['final_eval']['episodes']} episodes{best_text}, "
-                 f"{result['train_wall_s'] / 60:.0f} min")
+    for index, (label, colour, points) in enumerate(lines):
+        pixels = [to_pixel(step, rate) for step, rate in points]
+        cv2.polylines(image, [np.array(pixels, np.int32)], False, colour, 2, cv2.LINE_AA)
+        for pixel in pixels:
+            cv2.circle(image, pixel, 3, colour, -1, cv2.LINE_AA)
         cv2.putText(image, label, (left, top + plot_h + 50 + 22 * index), font, 0.5, colour, 1, cv2.LINE_AA)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), image):
         raise OSError(f"could not write {path}")
+
+
+def draw_curves(variants: dict[str, dict[str, Any]], steps: int, title: str, path: Path,
+                start_success: dict[str, float] | None = None) -> None:
+    """Periodic evaluation success against env steps, one line per variant. Each line starts at
+    step 0 from ``start_success[name]`` (a pre-trained policy's success), else 0."""
+    lines = []
+    for name, result in variants.items():
+        points = [(0.0, (start_success or {}).get(name, 0.0))] + [(p["env_steps"], p["success_rate"])
+                                                                   for p in result["curve"]]
+        best = result.get("best_policy_eval")
+        best_text = "" if best is None else (f", best-evaluated policy ({best['selected_by']['env_steps']:,} steps) "
+                                             f"{best['success_rate']:.0%}")
+        label = (f"{name}: final {result['final_eval']['success_rate']:.0%} over {result['final_eval']['episodes']} "
+                 f"episodes{best_text}, {result['train_wall_s'] / 60:.0f} min")
+        lines.append((label, CURVE_COLOURS_BGR.get(name, (120, 60, 160)), points))
+    draw_lines(lines, steps, title, path)
+
+
+OPERATOR_RATES_TITLE = "{config}: the simulated operator's share of the steps and training success"
+
+
+def operator_rates_png(png: Path) -> Path:
+    """Where a multi-seed run's operator figure goes beside ``png``'s per-seed curves."""
+    return png.with_stem(f"{png.stem}_operator")
+
+
+def draw_operator_rates(per_seed: dict[int, dict[str, dict[str, Any]]], steps: int, title: str, path: Path) -> None:
+    """The operator variant's training-episode success and intervention rate against env steps
+    (each point: the episodes that ended in one bin, drawn at the bin's end; bins of fewer than
+    ``MIN_EPISODES_PER_POINT`` episodes, such as the one a run's last episode spills into, are left
+    out), a pair of lines per seed."""
+    lines = []
+    shades = [(160, 60, 160), (200, 110, 60), (60, 150, 90), (40, 120, 220), (90, 90, 90)]
+    for index, (seed, variants) in enumerate(per_seed.items()):
+        operator = variants["operator"]
+        bins = operator.get("training_curve") or operator["training_episodes"]
+        bins = [b for b in bins if b["episodes"] >= MIN_EPISODES_PER_POINT]
+        colour = shades[index % len(shades)]
+        faint = tuple(int(255 - (255 - c) * 0.45) for c in colour)
+        rates = ", ".join(f"{b['intervention_rate']:.0%}" for b in operator["training_episodes"] if b["episodes"] >= 10)
+        lines.append((f"seed {seed}: operator's share of the steps (per {INTERVENTION_BIN_STEPS:,} steps: {rates})",
+                      colour, [(b["env_steps_until"], b["intervention_rate"]) for b in bins]))
+        lines.append((f"seed {seed}: training episodes' success", faint,
+                      [(b["env_steps_until"], b["success_rate"]) for b in bins]))
+    draw_lines(lines, steps, title, path, target=None)
+    print(f"wrote {path}")
 
 
 def run_seed(config: SessionConfig, plan: dict[str, int], steps: int, eval_episodes: int, demos_dir: Path,
@@ -297,6 +342,24 @@ def run_seed(config: SessionConfig, plan: dict[str, int], steps: int, eval_episo
     return results
 
 
+def redraw(results: dict[str, Any], png: Path) -> None:
+    """The figures of a run, from its results JSON: the curves (one PNG per seed when there are
+    several) and, where the operator variant ran over several seeds, its intervention rates."""
+    if "per_seed" not in results:
+        draw_curves(results["variants"], results["steps"], f"{results['config']}: evaluation success "
+                    f"(seed {results['seed']})", png)
+        print(f"wrote {png}")
+        return
+    per_seed = {int(seed): result["variants"] for seed, result in results["per_seed"].items()}
+    for seed, variants in per_seed.items():
+        seed_png = png.with_stem(f"{png.stem}_seed{seed}")
+        draw_curves(variants, results["steps"], f"{results['config']}: evaluation success (seed {seed})", seed_png)
+        print(f"wrote {seed_png}")
+    if all("operator" in variants for variants in per_seed.values()):
+        draw_operator_rates(per_seed, results["steps"], OPERATOR_RATES_TITLE.format(config=results["config"]),
+                            operator_rates_png(png))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="sim_panda_pick_cube")
@@ -324,7 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, help="write the curves here")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few hundred steps")
+    parser.add_argument("--redraw", type=Path, metavar="JSON",
+                        help="train nothing: draw --png again from the results a run wrote with --json")
     args = parser.parse_args(argv)
+    if args.redraw:
+        if not args.png:
+            parser.error("--redraw needs --png")
+        redraw(json.loads(args.redraw.read_text()), args.png)
+        return 0
 
     machine = machine_info()  # before the runs: its load average is the machine's before we loaded it
     config = load_config(args.config)
@@ -370,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         if all("operator_comparison" in result for result in per_seed.values()):
             results["operator_comparison"] = comparison = operator_comparison_over_seeds(
                 {seed: result["variants"] for seed, result in per_seed.items()}, steps)
+            if args.png:
+                draw_operator_rates({seed: result["variants"] for seed, result in per_seed.items()}, steps,
+                                    OPERATOR_RATES_TITLE.format(config=config.name), operator_rates_png(args.png))
             results["targets"] = comparison["targets"]
             print_targets(comparison["targets"])
     write_json(args.json, results)

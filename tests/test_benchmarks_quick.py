@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "robot_link.py"
 
@@ -75,6 +77,7 @@ def test_learning_benchmark_quick(tmp_path: Path) -> None:
         assert variant["best_policy_eval"]["episodes"] == 3
         assert variant["best_policy_eval"]["selected_by"]["success_rate"] == max(p["success_rate"] for p in variant["curve"])
         assert sum(b["episodes"] for b in variant["training_episodes"]) >= 1
+        assert sum(b["episodes"] for b in variant["training_curve"]) == sum(b["episodes"] for b in variant["training_episodes"])
         _positive_finite(variant["train_wall_s"], f"{name}.train_wall_s")
     assert results["variants"]["operator"]["demos"] == 2 and results["variants"]["no_demos"]["demos"] == 0
     # Only the operator variant has someone intervening.
@@ -163,6 +166,32 @@ def test_the_operator_comparison_over_seeds_uses_medians() -> None:
     # One seed whose operator share does not fall fails that target.
     per_seed[2]["operator"] = run(1000, 4000, 0.3, 0.3)
     assert not operator_comparison_over_seeds(per_seed, 12_000)["targets"]["operator_intervention_rate_falls_every_seed"]
+
+
+def test_redraw_draws_each_seeds_curves_and_the_operator_figure(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    import cv2
+
+    from benchmarks.learning import redraw
+
+    def variant(*rates: float) -> dict:
+        bins = [{"env_steps_until": 1000 * (i + 1), "episodes": 10, "success_rate": 0.5, "intervention_rate": rate}
+                for i, rate in enumerate(rates)]
+        return {"curve": [{"env_steps": 1000, "success_rate": 0.2}, {"env_steps": 3000, "success_rate": 0.9}],
+                "final_eval": {"success_rate": 0.9, "episodes": 50}, "best_policy_eval": None, "train_wall_s": 60.0,
+                "training_episodes": bins, "training_curve": bins}
+
+    results = {"config": "sim_panda_pick_cube", "steps": 3000, "seeds": [0, 1],
+               "per_seed": {str(seed): {"variants": {"demos": variant(0.0, 0.0), "operator": variant(0.4, 0.1, 0.0)}}
+                            for seed in (0, 1)}}
+    redraw(results, tmp_path / "hil.png")
+    for name in ("hil_seed0.png", "hil_seed1.png", "hil_operator.png"):
+        image = cv2.imread(str(tmp_path / name))
+        assert image is not None and image.shape[1] == 900, name
+    operator = cv2.imread(str(tmp_path / "hil_operator.png"))
+    seed0_colour = np.array([160, 60, 160], np.uint8)  # BGR of the first seed's intervention line
+    assert (operator == seed0_colour).all(axis=2).sum() > 200
+    assert not (tmp_path / "hil.png").exists()
 
 
 def test_camera_benchmark_quick(tmp_path: Path) -> None:

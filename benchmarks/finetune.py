@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="HIL-SERL's discrete gripper critic in every variant (Cal-QL keeps it conservative)")
     parser.add_argument("--cql-samples", type=int, default=4, help="actions per proposal in the regulariser")
     parser.add_argument("--warmup-steps", type=int, default=2_000, help="WSRL's warm-up (env steps, no updates)")
-    parser.add_argument("--actor-delay-updates", type=int, default=0,
+    parser.add_argument("--actor-delay-updates", type=int, default=1_000,
                         help="learner.warm_start.actor_delay_updates of the warm-started variants (critic-only updates)")
     parser.add_argument("--eval-every", type=int, default=20, help="episodes between periodic evaluations")
     parser.add_argument("--eval-episodes-periodic", type=int, default=10)

@@ -194,6 +194,45 @@ def test_redraw_draws_each_seeds_curves_and_the_operator_figure(tmp_path: Path) 
     assert not (tmp_path / "hil.png").exists()
 
 
+def test_policy_latency_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "policy_latency.py"), "--quick", "--device",
+                                "cpu", "--ks", "10", "--json", str(out)],
+                               cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    results = json.loads(out.read_text())
+    assert results["device"] == "cpu" and results["quick"] is True
+    assert set(results["vgps"]["latency"]) == {"base", "vgps_k10"}
+    for name, value in {**results["vgps"]["latency"], **results["openvla"]["latency"]}.items():
+        _positive_finite(value["p50_ms"], name)
+    assert set(results["openvla"]["latency"]) == {"k1", "k10"} and results["openvla"]["size"] == "tiny"
+    assert results["vgps"]["ratios"]["vgps_k10_over_base"] == (
+        results["vgps"]["latency"]["vgps_k10"]["p50_ms"] / results["vgps"]["latency"]["base"]["p50_ms"])
+    assert isinstance(results["targets"]["vgps_k10_latency_le_1.5x_base"], bool)
+    # The 7B-shaped model is refused on the CPU with a message naming the option.
+    refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "policy_latency.py"), "--device", "cpu"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--openvla-size" in refused.stderr
+
+
+def test_policy_latency_uses_pick_cubes_observation_layout() -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.policy_latency import PICK_CUBE_ACTION_DIM, PICK_CUBE_STATE_FIELDS
+    from hardware_configs.schema import load_config
+    from robot_server.cell import RobotCell
+
+    config = load_config("sim_panda_pick_cube")
+    cell = RobotCell(config)
+    try:
+        observation_space, action_space = cell.spaces.observation_space(), cell.spaces.action_space()
+    finally:
+        cell.close()
+    assert tuple(PICK_CUBE_STATE_FIELDS) == tuple(config.learner.observation_keys)
+    assert {key: observation_space[key].shape for key in PICK_CUBE_STATE_FIELDS} == {
+        key: (size,) for key, size in PICK_CUBE_STATE_FIELDS.items()}
+    assert action_space.shape == (PICK_CUBE_ACTION_DIM,)
+
+
 def test_camera_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "cameras.json"
     completed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cameras.py"), "--quick", "--json", str(out)],

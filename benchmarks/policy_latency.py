@@ -1,0 +1,226 @@
+"""Per-action latency of the generalist policies at benchmark size, on any device (a GPU when lent).
+
+Two groups, each measured as the median wall time of one action selection for one observation
+(batch of one, after warm-up), the action copied back to the CPU as the actor needs it:
+
+1. **V-GPS over the diffusion policy** (the V-GPS benchmark's networks: an MLP-ResNet denoiser of
+   width 256 and 3 blocks over an 8-step chunk, 2 observations of history, DDIM with 10 steps; a
+   [128, 128] critic ensemble with the gripper critic) on pick_cube's state observation: the base
+   policy's one sample, and V-GPS with K = 10 and K = 50 candidates sampled and scored in one batch.
+   Target (the V-GPS issue): K = 10 costs at most 1.5x one sample.
+2. **OpenVLA** through the adapter's own loading path (``policies/openvla.py``: a checkpoint
+   directory with remote code, ``AutoProcessor``, one batched ``generate`` with the action-token
+   mask): a random-init model with openvla-7b's shapes (Llama-2-7B, DINOv2 ViT-L + SigLIP
+   SO400M at 224 px; ``tests/tiny_vla.py``) in bf16, K = 1 and K = 10 samples per action.
+   ``--quick`` and ``--openvla-size tiny`` use the tiny test model instead.
+
+Weights are random: latency depends on the shapes, not the values. The 7B model needs a GPU with
+about 30 GB free (it is built there in fp32, saved in bf16: about 15 GB of disk under --work-dir).
+
+    python benchmarks/policy_latency.py --json benchmarks/results/policy_latency_gpu.json
+    python benchmarks/policy_latency.py --quick --json /tmp/latency.json      # CPU smoke run
+
+On a lent GPU machine (its python3 has torch, transformers, safetensors and peft, but no network),
+the pure-Python packages it lacks travel as wheels: here, once,
+``echo /.whl/ >> .git/info/exclude`` and ``python3 -m pip download --no-deps --only-binary=:all:
+--python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl gymnasium==1.4.0
+farama-notifications==0.0.4 diffusers==0.42.1 importlib_metadata==8.7.0``; there, with ``.whl``
+carried: ``python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/policy_latency.py --work-dir /tmp/vla
+--json $OUT/policy_latency.json`` (about 5 minutes, most of it writing and reading the 7B checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # tiny_vla: the random OpenVLA-shaped checkpoint writer
+
+from benchmarks.machine import machine_info, print_targets, write_json  # noqa: E402
+from hardware_configs.schema import GripperCriticConfig, SACConfig  # noqa: E402
+from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig  # noqa: E402
+from policies.vgps import QCritic, VGPSConfig, VGPSPolicy  # noqa: E402
+
+#: pick_cube's state fields the learner observes (``learner.observation_keys`` of
+#: sim_panda_pick_cube) and their sizes; tests/test_benchmarks_quick.py checks them against the cell.
+PICK_CUBE_STATE_FIELDS = {"tcp_pose": 7, "tcp_velocity": 6, "gripper_width": 1, "task/cube_pose": 7,
+                          "task/cube_offset": 3}
+PICK_CUBE_ACTION_DIM = 4
+HISTORY_PREFIX = "history/"
+INSTRUCTION = "pick up the red cube"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def median_ms(select: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median and 90th percentile of ``select()``'s wall time; ``select`` returns a CPU array, so
+    the device's work is finished when the clock stops."""
+    for _ in range(warmup):
+        select()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        select()
+        times.append((time.perf_counter() - started) * 1e3)
+    ordered = sorted(times)
+    return {"p50_ms": statistics.median(times), "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+            "repeats": repeats}
+
+
+class HistoryDiffusion:
+    """The diffusion policy reading ``history/<key>`` fields, so that the current fields stay the
+    critic's (the V-GPS benchmark's arrangement)."""
+
+    def __init__(self, policy: DiffusionPolicy) -> None:
+        self.policy = policy
+        self.action_dim = policy.action_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def to(self, device: torch.device | str) -> HistoryDiffusion:
+        self.policy.to(device)
+        return self
+
+    def sample(self, observations: dict[str, Any], num_samples: int, deterministic: bool = False) -> torch.Tensor:
+        history = {key: observations[HISTORY_PREFIX + key] for key in self.policy.observation_keys}
+        return self.policy.sample(history, num_samples, deterministic)
+
+
+def vgps_latency(device: torch.device, ks: list[int], warmup: int, repeats: int, quick: bool) -> dict[str, Any]:
+    """Base diffusion policy (one sample) against V-GPS with each K, on one pick_cube observation."""
+    observation_space = spaces.Dict({key: spaces.Box(-2.0, 2.0, (size,), np.float32)
+                                     for key, size in PICK_CUBE_STATE_FIELDS.items()})
+    action_space = spaces.Box(-1.0, 1.0, (PICK_CUBE_ACTION_DIM,), np.float32)
+    keys = tuple(PICK_CUBE_STATE_FIELDS)
+    width, blocks, critic_width = (32, 1, 32) if quick else (256, 3, 128)
+    diffusion = DiffusionPolicy(DiffusionPolicyConfig(
+        horizon=8, n_obs=2, action_steps=1, observation_keys=keys, hidden_dim=width, num_blocks=blocks,
+        train_timesteps=100, inference_steps=10, sampler="ddim"), observation_space, action_space, seed=0)
+    diffusion.network.eval()
+    base = HistoryDiffusion(diffusion).to(device)
+    critic_config = SACConfig(hidden_dims=(critic_width, critic_width), gripper_critic=GripperCriticConfig(enabled=True))
+    critic = QCritic(critic_config, observation_space, action_space, keys).to(device)
+
+    rng = np.random.default_rng(0)
+    current = {key: rng.uniform(-1, 1, (1, size)).astype(np.float32) for key, size in PICK_CUBE_STATE_FIELDS.items()}
+    probe = {**current, **{HISTORY_PREFIX + key: np.repeat(value[:, None], 2, axis=1) for key, value in current.items()}}
+    arms: dict[str, Any] = {"base": base}
+    for k in ks:
+        arms[f"vgps_k{k}"] = VGPSPolicy(base, critic, VGPSConfig(num_samples=k, temperature=0.0))
+    latency = {}
+    for name, policy in arms.items():
+        def select(policy: Any = policy) -> np.ndarray:
+            with torch.inference_mode():
+                return policy.sample(probe, 1)[0, 0].float().cpu().numpy()
+
+        latency[name] = median_ms(select, device, warmup, repeats)
+        print(f"  {name:<10} p50 {latency[name]['p50_ms']:8.2f} ms", flush=True)
+    base_ms = latency["base"]["p50_ms"]
+    return {"denoiser": {"hidden_dim": width, "num_blocks": blocks, "horizon": 8, "n_obs": 2, "sampler": "ddim",
+                         "inference_steps": 10},
+            "critic_hidden": [critic_width, critic_width], "latency": latency,
+            "ratios": {f"{name}_over_base": value["p50_ms"] / base_ms for name, value in latency.items()
+                       if name != "base"}}
+
+
+def openvla_latency(device: torch.device, size: str, ks: list[int], warmup: int, repeats: int,
+                    work: Path) -> dict[str, Any]:
+    """Ms per action of the OpenVLA adapter on a random checkpoint of ``size`` ("7b" or "tiny")."""
+    from policies.openvla import OpenVLAConfig, OpenVLAPolicy
+    from tiny_vla import TinyVLASpec, build_tiny_vla
+
+    spec = TinyVLASpec.openvla_7b() if size == "7b" else TinyVLASpec()
+    build_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.monotonic()
+    checkpoint = build_tiny_vla(work / f"openvla-{size}", spec, dtype=build_dtype, device=device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    build_s = time.monotonic() - started
+    started = time.monotonic()
+    policy = OpenVLAPolicy(OpenVLAConfig(checkpoint=str(checkpoint), unnorm_key="bridge_orig", device=str(device)))
+    load_s = time.monotonic() - started
+    parameters = sum(p.numel() for p in policy.model.parameters())
+    print(f"  OpenVLA-shaped model ({size}): {parameters / 1e9:.2f} B parameters, {policy.dtype}, "
+          f"built in {build_s:.0f} s, loaded in {load_s:.0f} s", flush=True)
+    image = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    observations = {"image": image, "instruction": [INSTRUCTION]}
+    latency = {}
+    for k in ks:
+        def select(k: int = k) -> np.ndarray:
+            with torch.inference_mode():
+                return policy.sample(observations, k)[0].float().cpu().numpy()
+
+        latency[f"k{k}"] = median_ms(select, device, warmup, repeats)
+        print(f"  OpenVLA K={k:<3} p50 {latency[f'k{k}']['p50_ms']:8.1f} ms", flush=True)
+    result = {"size": size, "parameters": parameters, "dtype": str(policy.dtype), "build_s": round(build_s, 1),
+              "load_s": round(load_s, 1), "latency": latency}
+    if device.type == "cuda":
+        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="torch device (auto: cuda when there is one)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[10, 50], help="V-GPS K values")
+    parser.add_argument("--openvla-ks", type=int, nargs="+", default=[1, 10], help="OpenVLA samples per action")
+    parser.add_argument("--openvla-size", choices=("7b", "tiny", "none"), default="7b",
+                        help="the OpenVLA-shaped model (none: skip the OpenVLA group)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--openvla-repeats", type=int, default=20)
+    parser.add_argument("--work-dir", type=Path, help="where the random checkpoint goes (default: a temp dir)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: small networks, the tiny OpenVLA")
+    args = parser.parse_args(argv)
+    if any(k < 1 for k in args.ks + args.openvla_ks) or args.repeats < 1 or args.openvla_repeats < 1:
+        parser.error("K values and repeats must be >= 1")
+    device = resolve_device(args.device)
+    if args.quick:
+        args.openvla_size = "tiny" if args.openvla_size == "7b" else args.openvla_size
+        args.warmup, args.repeats, args.openvla_repeats = 1, 3, 2
+    if args.openvla_size == "7b" and device.type != "cuda":
+        parser.error("the 7B-shaped OpenVLA needs a GPU: --openvla-size tiny or none on the CPU")
+    torch.manual_seed(0)
+    machine = machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads(), device=str(device),
+                           gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    print(f"1. V-GPS over the diffusion policy on {device}", flush=True)
+    results: dict[str, Any] = {"machine": machine, "quick": args.quick, "device": str(device),
+                               "vgps": vgps_latency(device, args.ks, args.warmup, args.repeats, args.quick)}
+    targets = {}
+    if 10 in args.ks:
+        targets["vgps_k10_latency_le_1.5x_base"] = results["vgps"]["ratios"]["vgps_k10_over_base"] <= 1.5
+    if args.openvla_size != "none":
+        print(f"2. OpenVLA ({args.openvla_size}) on {device}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="steerl-openvla-") as scratch:
+            work = args.work_dir or Path(scratch)
+            results["openvla"] = openvla_latency(device, args.openvla_size, args.openvla_ks, args.warmup,
+                                                 args.openvla_repeats, work)
+    results["targets"] = targets
+    print_targets(targets)
+    write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

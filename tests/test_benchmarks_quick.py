@@ -98,7 +98,8 @@ def test_finetune_benchmark_quick(tmp_path: Path) -> None:
     for name, variant in results["variants"].items():
         assert variant["env_steps"] >= results["steps"], name
         assert variant["curve"] and variant["final_eval"]["episodes"] == 3, name
-        assert set(variant["collapse"]) == {"evaluations", "min_success", "dip_below_pretrained"}, name
+        assert set(variant["collapse"]) == {"window_end_steps", "evaluations", "min_success", "dip_below_pretrained",
+                                            "min_success_whole_run"}, name
     # The warm-started variants started from the Cal-QL checkpoint (their Q log says so); RLPD from the data.
     for name in ("wsrl", "wsrl_no_warmup"):
         q_log = (work / name / "warm_start_q.json").read_text()

@@ -56,6 +56,14 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 3) -> np.nda
     return seconds
 
 
+def latency_ms(select: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
+    """Median, 90th percentile and minimum of :func:`time_calls`, in milliseconds. A call that
+    returns its result on the CPU has finished its device work when the clock stops."""
+    times_ms = 1e3 * time_calls(select, repeats, warmup)
+    return {"p50_ms": float(np.median(times_ms)), "p90_ms": float(np.percentile(times_ms, 90)),
+            "min_ms": float(times_ms.min()), "repeats": repeats}
+
+
 def write_json(path: Path | None, results: dict[str, Any]) -> None:
     """Write a benchmark's results to ``path`` (the ``--json`` option), if one was given."""
     if path is None:

@@ -33,12 +33,11 @@ PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/policy_latency.py --w
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # tiny_vla: the random OpenVLA-shaped checkpoint writer
 
-from benchmarks.machine import machine_info, print_targets, write_json  # noqa: E402
+from benchmarks.history_base import HISTORY_PREFIX, HistoryBase  # noqa: E402
+from benchmarks.machine import latency_ms, machine_info, print_targets, write_json  # noqa: E402
 from hardware_configs.schema import GripperCriticConfig, SACConfig  # noqa: E402
 from policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig  # noqa: E402
 from policies.vgps import QCritic, VGPSConfig, VGPSPolicy  # noqa: E402
@@ -58,7 +58,6 @@ from policies.vgps import QCritic, VGPSConfig, VGPSPolicy  # noqa: E402
 PICK_CUBE_STATE_FIELDS = {"tcp_pose": 7, "tcp_velocity": 6, "gripper_width": 1, "task/cube_pose": 7,
                           "task/cube_offset": 3}
 PICK_CUBE_ACTION_DIM = 4
-HISTORY_PREFIX = "history/"
 INSTRUCTION = "pick up the red cube"
 
 
@@ -66,44 +65,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def median_ms(select: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median and 90th percentile of ``select()``'s wall time; ``select`` returns a CPU array, so
-    the device's work is finished when the clock stops."""
-    for _ in range(warmup):
-        select()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        select()
-        times.append((time.perf_counter() - started) * 1e3)
-    ordered = sorted(times)
-    return {"p50_ms": statistics.median(times), "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
-            "repeats": repeats}
-
-
-class HistoryDiffusion:
-    """The diffusion policy reading ``history/<key>`` fields, so that the current fields stay the
-    critic's (the V-GPS benchmark's arrangement)."""
-
-    def __init__(self, policy: DiffusionPolicy) -> None:
-        self.policy = policy
-        self.action_dim = policy.action_dim
-
-    @property
-    def device(self) -> torch.device:
-        return self.policy.device
-
-    def to(self, device: torch.device | str) -> HistoryDiffusion:
-        self.policy.to(device)
-        return self
-
-    def sample(self, observations: dict[str, Any], num_samples: int, deterministic: bool = False) -> torch.Tensor:
-        history = {key: observations[HISTORY_PREFIX + key] for key in self.policy.observation_keys}
-        return self.policy.sample(history, num_samples, deterministic)
 
 
 def vgps_latency(device: torch.device, ks: list[int], warmup: int, repeats: int, quick: bool) -> dict[str, Any]:
@@ -117,7 +78,7 @@ def vgps_latency(device: torch.device, ks: list[int], warmup: int, repeats: int,
         horizon=8, n_obs=2, action_steps=1, observation_keys=keys, hidden_dim=width, num_blocks=blocks,
         train_timesteps=100, inference_steps=10, sampler="ddim"), observation_space, action_space, seed=0)
     diffusion.network.eval()
-    base = HistoryDiffusion(diffusion).to(device)
+    base = HistoryBase(diffusion).to(device)
     critic_config = SACConfig(hidden_dims=(critic_width, critic_width), gripper_critic=GripperCriticConfig(enabled=True))
     critic = QCritic(critic_config, observation_space, action_space, keys).to(device)
 
@@ -133,7 +94,7 @@ def vgps_latency(device: torch.device, ks: list[int], warmup: int, repeats: int,
             with torch.inference_mode():
                 return policy.sample(probe, 1)[0, 0].float().cpu().numpy()
 
-        latency[name] = median_ms(select, device, warmup, repeats)
+        latency[name] = latency_ms(select, warmup, repeats)
         print(f"  {name:<10} p50 {latency[name]['p50_ms']:8.2f} ms", flush=True)
     base_ms = latency["base"]["p50_ms"]
     return {"denoiser": {"hidden_dim": width, "num_blocks": blocks, "horizon": 8, "n_obs": 2, "sampler": "ddim",
@@ -170,7 +131,7 @@ def openvla_latency(device: torch.device, size: str, ks: list[int], warmup: int,
             with torch.inference_mode():
                 return policy.sample(observations, k)[0].float().cpu().numpy()
 
-        latency[f"k{k}"] = median_ms(select, device, warmup, repeats)
+        latency[f"k{k}"] = latency_ms(select, warmup, repeats)
         print(f"  OpenVLA K={k:<3} p50 {latency[f'k{k}']['p50_ms']:8.1f} ms", flush=True)
     result = {"size": size, "parameters": parameters, "dtype": str(policy.dtype), "build_s": round(build_s, 1),
               "load_s": round(load_s, 1), "latency": latency}

@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -70,12 +70,13 @@ sys.path.insert(0, str(REPO))
 
 from actor.env import make_env  # noqa: E402
 from actor.rollout import Episode, play_episode, record_episodes  # noqa: E402
-from benchmarks.machine import machine_info, print_targets, time_calls, write_json  # noqa: E402
+from benchmarks.history_base import HISTORY_PREFIX, HistoryBase  # noqa: E402
+from benchmarks.machine import latency_ms, machine_info, print_targets, write_json  # noqa: E402
 from benchmarks.sac_sweep import inproc_config, with_override  # noqa: E402
 from hardware_configs.schema import GripperCriticConfig, SessionConfig  # noqa: E402
 from learner.calql import CalQLConfig, save_offline_checkpoint, train_offline  # noqa: E402
 from learner.replay import ReplayBuffer  # noqa: E402
-from policies.base import Policy, PolicyInput, load_policy  # noqa: E402
+from policies.base import Policy, load_policy  # noqa: E402
 from policies.diffusion import (  # noqa: E402
     DiffusionPolicy,
     DiffusionPolicyConfig,
@@ -87,46 +88,6 @@ from policies.vgps import QCritic, VGPSConfig, VGPSPolicy, load_critic  # noqa: 
 
 DATA_SEED = 20_000
 EVAL_SEED = 100_000
-HISTORY_PREFIX = "history/"
-
-
-# --------------------------------------------------------------------------------------------
-# The base policy as V-GPS sees it
-# --------------------------------------------------------------------------------------------
-
-
-class HistoryBase(Policy):
-    """The diffusion policy reading its observation history from ``history/<key>`` fields
-    (``[B, n_obs, ...]``), with a fixed sampler; the current fields stay free for the critic."""
-
-    kind = "history_base"  # not registered: a benchmark adapter, never saved
-
-    def __init__(self, policy: DiffusionPolicy, sampler: Optional[str] = None,
-                 inference_steps: Optional[int] = None) -> None:
-        self.policy = policy
-        self.sampler = sampler
-        self.inference_steps = inference_steps
-        self.action_dim = policy.action_dim
-
-    @property
-    def device(self) -> torch.device:
-        return self.policy.device
-
-    def to(self, device: torch.device | str) -> "HistoryBase":
-        self.policy.to(device)
-        return self
-
-    def sample(self, observations: PolicyInput, num_samples: int, deterministic: bool = False) -> torch.Tensor:
-        history = {key: observations[HISTORY_PREFIX + key] for key in self.policy.observation_keys}
-        return self.policy.sample(history, num_samples, deterministic, sampler=self.sampler,
-                                  inference_steps=self.inference_steps)
-
-    def save(self, directory: str | Path) -> None:  # pragma: no cover - an adapter
-        self.policy.save(directory)
-
-    @classmethod
-    def load(cls, directory: Path, device: torch.device | str = "cpu") -> "HistoryBase":  # pragma: no cover
-        return cls(load_policy(directory, device))
 
 
 class StepActor:
@@ -329,12 +290,6 @@ def evaluate(env: gym.Env, actor: StepActor, episodes: int, label: str) -> dict[
 # --------------------------------------------------------------------------------------------
 # 5. Latency
 # --------------------------------------------------------------------------------------------
-
-
-def latency_ms(select: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
-    times_ms = 1e3 * time_calls(select, repeats, warmup)
-    return {"p50_ms": float(np.median(times_ms)), "p90_ms": float(np.percentile(times_ms, 90)),
-            "min_ms": float(times_ms.min()), "repeats": repeats}
 
 
 def q_spread(vgps: VGPSPolicy, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import tests.point_env  # noqa: F401  (registers PointReach-v0)
-from actor.acting import ActingLoop
 from actor.env import make_gym_env
 from hardware_configs.loader import ConfigError, load_dataclass, to_dict
 from hardware_configs.schema import PARLConfig, SessionConfig, load_config, save_config

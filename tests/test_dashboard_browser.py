@@ -34,6 +34,20 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+def press_until(page, selector: str, condition: str, attempts: int = 5, timeout_ms: int = 5_000) -> None:
+    """Click ``selector`` until the page's ``condition`` holds. A mark that reaches the actor between
+    episodes or before an episode's first step is ignored by design (actor/operator.py), and on an
+    unpaced sim with short episodes a press can land there."""
+    for _ in range(attempts):
+        page.click(selector)
+        try:
+            page.wait_for_function(condition, timeout=timeout_ms)
+            return
+        except sync_api.TimeoutError:
+            continue
+    raise AssertionError(f"{attempts} presses of {selector} never brought about {condition}")
+
+
 def console_config() -> SessionConfig:
     """The pick-cube cell with two 64x64 cameras at 10 Hz in real time; the learner learns from the
     state only (and hardly at all: the test is about the console)."""
@@ -157,11 +171,10 @@ def test_the_page_shows_the_cameras_stops_the_arm_and_labels_a_success(session, 
 
     # Success ends the episode under way with the success flag.
     page.wait_for_function("window.steerlStats.lastState.actor.episode_step >= 3", timeout=20_000)
-    page.click("button[data-event=MARK_SUCCESS]")
-    page.wait_for_function(
-        "window.steerlStats.lastState.episodes.some(e => e.ended_by === 'success' && e.success)", timeout=10_000)
+    press_until(page, "button[data-event=MARK_SUCCESS]",
+                "window.steerlStats.lastState.episodes.some(e => e.ended_by === 'success' && e.success)")
     marked = page.evaluate("window.steerlStats.lastState.episodes.find(e => e.ended_by === 'success')")
-    assert marked["length"] >= 3
+    assert marked["length"] >= 1  # a mark applies only once the episode has a step
     page.screenshot(path=str(tmp_path / "console.png"), full_page=True)
 
     # Stop ends the session cleanly; the learner's final checkpoint holds the marked step: reward 1, terminal.
@@ -239,9 +252,9 @@ def test_the_page_starts_and_stops_a_session_and_evaluates_its_checkpoint(tmp_pa
         page.wait_for_function("window.steerlStats.lastState.actor.env_steps > 50", timeout=60_000)
         assert page.evaluate("window.steerlStats.lastState.session.running")
 
-        page.click("button[data-event=MARK_FAILURE]")  # any button works on a session the page started
-        page.wait_for_function("window.steerlStats.lastState.episodes.some(e => e.ended_by === 'failure')",
-                               timeout=20_000)
+        # Any button works on a session the page started.
+        press_until(page, "button[data-event=MARK_FAILURE]",
+                    "window.steerlStats.lastState.episodes.some(e => e.ended_by === 'failure')")
         page.click("#stop-session")
         page.wait_for_function("window.steerlStats.lastState.session && !window.steerlStats.lastState.session.running",
                                timeout=120_000)

@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--actor-delay-updates", type=int,
                         help="learner.warm_start.actor_delay_updates of the warm-started variants (critic-only "
                              "updates; default: the config's)")
+    parser.add_argument("--offline-ratio", type=float, default=0.0,
+                        help="learner.warm_start.offline_ratio of the warm-started variants: that share of each "
+                             "batch from the offline data (0: WSRL's choice, the data discarded)")
     parser.add_argument("--eval-every", type=int, default=20, help="episodes between periodic evaluations")
     parser.add_argument("--eval-episodes-periodic", type=int, default=10)
     parser.add_argument("--eval-episodes", type=int, default=50, help="held-out episodes of the final evaluations")
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run (a few hundred steps, tiny pre-training)")
     args = parser.parse_args(argv)
 
+    if not 0.0 <= args.offline_ratio < 1.0:
+        parser.error(f"--offline-ratio must lie in [0, 1), got {args.offline_ratio}")
     machine = machine_info()
     config = load_config(args.config)
     steps, eval_episodes, calql_steps, warmup = args.steps, args.eval_episodes, args.calql_steps, args.warmup_steps
@@ -166,9 +171,17 @@ def main(argv: list[str] | None = None) -> int:
                 "wsrl_no_warmup": (0, warm + ("--warmup-steps", "0")),
                 "rlpd": (1, ())}
 
+        warm_config = config
+        if args.offline_ratio > 0.0:
+            warm_config = dataclasses.replace(config, learner=dataclasses.replace(
+                config.learner, warm_start=dataclasses.replace(
+                    config.learner.warm_start, offline_ratio=args.offline_ratio,
+                    offline_data=(str((work / "data").resolve()),))))
+
         def train(name: str) -> dict[str, Any]:
             demos, train_args = plan[name]
-            config_file = save_config(with_own_ports(config), work / f"{name}.yaml")
+            variant_config = config if name == "rlpd" else warm_config
+            config_file = save_config(with_own_ports(variant_config), work / f"{name}.yaml")
             print(f"[{name}] training for {steps} online env steps ...", flush=True)
             result = run_variant(name, config_file, work, steps, demos, eval_episodes, demos_dir=work / "data",
                                  train_args=train_args)

@@ -89,7 +89,8 @@ def test_learning_benchmark_quick(tmp_path: Path) -> None:
 def test_finetune_benchmark_quick(tmp_path: Path) -> None:
     out, png, work = tmp_path / "finetune.json", tmp_path / "curves.png", tmp_path / "work"
     completed = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "finetune.py"), "--quick", "--parallel", "--work-dir", str(work),
+        [sys.executable, str(REPO / "benchmarks" / "finetune.py"), "--quick", "--parallel", "--offline-ratio", "0.25",
+         "--work-dir", str(work),
          "--json", str(out), "--png", str(png)], cwd=REPO, capture_output=True, text=True, timeout=420)
     assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
     results = json.loads(out.read_text())
@@ -105,6 +106,9 @@ def test_finetune_benchmark_quick(tmp_path: Path) -> None:
         q_log = (work / name / "warm_start_q.json").read_text()
         assert str(work / "calql") in q_log, name
     assert results["variants"]["rlpd"]["demos"] == 1 and not (work / "rlpd" / "warm_start_q.json").exists()
+    # --offline-ratio reaches the warm-started variants' learners only.
+    for name, ratio in (("wsrl", 0.25), ("wsrl_no_warmup", 0.25), ("rlpd", 0.0)):
+        assert f"offline_ratio: {ratio}" in (work / f"{name}.yaml").read_text(), name
     assert set(results["targets"]) == {"wsrl_no_post_switch_collapse", "wsrl_final_ge_rlpd"}
     assert all(isinstance(flag, bool) for flag in results["targets"].values())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

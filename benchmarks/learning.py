@@ -54,6 +54,8 @@ HELD_OUT_SEED = 7_919
 CURVE_COLOURS_BGR = {"demos": (40, 120, 220), "no_demos": (60, 160, 60), "operator": (160, 60, 160),
                      "wsrl": (40, 120, 220), "wsrl_no_warmup": (60, 160, 60), "rlpd": (160, 60, 160)}
 INTERVENTION_BIN_STEPS = 2_500
+# A bin of fewer training episodes is too small to count towards the intervention-rate target.
+MIN_EPISODES_PER_BIN = 10
 # The bins of the training-episode curves drawn (the targets use INTERVENTION_BIN_STEPS).
 TRAINING_CURVE_BIN_STEPS = 1_000
 MIN_EPISODES_PER_POINT = 3
@@ -151,7 +153,7 @@ def operator_comparison(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for key in ("first_step_at_target", "first_step_at_target_confirmed"):
         if demos[key] and operator[key]:
             ratios[key] = operator[key] / demos[key]
-    bins = [b for b in operator["training_episodes"] if b["episodes"] >= 10]
+    bins = [b for b in operator["training_episodes"] if b["episodes"] >= MIN_EPISODES_PER_BIN]
     rates = [b["intervention_rate"] for b in bins]
     return {
         "steps_ratio_operator_over_demos": ratios,
@@ -292,13 +294,12 @@ def draw_operator_rates(per_seed: dict[int, dict[str, dict[str, Any]]], steps: i
         bins = [b for b in bins if b["episodes"] >= MIN_EPISODES_PER_POINT]
         colour = shades[index % len(shades)]
         faint = tuple(int(255 - (255 - c) * 0.45) for c in colour)
-        rates = ", ".join(f"{b['intervention_rate']:.0%}" for b in operator["training_episodes"] if b["episodes"] >= 10)
+        rates = ", ".join(f"{b['intervention_rate']:.0%}" for b in operator["training_episodes"] if b["episodes"] >= MIN_EPISODES_PER_BIN)
         lines.append((f"seed {seed}: operator's share of the steps (per {INTERVENTION_BIN_STEPS:,} steps: {rates})",
                       colour, [(b["env_steps_until"], b["intervention_rate"]) for b in bins]))
         lines.append((f"seed {seed}: training episodes' success", faint,
                       [(b["env_steps_until"], b["success_rate"]) for b in bins]))
     draw_lines(lines, steps, title, path, target=None)
-    print(f"wrote {path}")
 
 
 def run_seed(config: SessionConfig, plan: dict[str, int], steps: int, eval_episodes: int, demos_dir: Path,
@@ -358,6 +359,7 @@ def redraw(results: dict[str, Any], png: Path) -> None:
     if all("operator" in variants for variants in per_seed.values()):
         draw_operator_rates(per_seed, results["steps"], OPERATOR_RATES_TITLE.format(config=results["config"]),
                             operator_rates_png(png))
+        print(f"wrote {operator_rates_png(png)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.png:
                 draw_operator_rates({seed: result["variants"] for seed, result in per_seed.items()}, steps,
                                     OPERATOR_RATES_TITLE.format(config=config.name), operator_rates_png(args.png))
+                print(f"wrote {operator_rates_png(args.png)}")
             results["targets"] = comparison["targets"]
             print_targets(comparison["targets"])
     write_json(args.json, results)

@@ -458,7 +458,7 @@ class Learner:
         if self.warm_start.enabled and self.updates == self.warm_start.actor_delay_updates > 0:
             log.info("warm start: the actor updates from now on (%d critic-only updates done)", self.updates)
         if self.warm_start.enabled and self.updates < self.warm_start.actor_delay_updates:
-            metrics = self.agent.update(batch, update_actor=False)
+            metrics = self.agent.update(batch, update_actor=False)  # SAC only: PA-RL cannot warm start
         else:
             metrics = self.agent.update(batch)
         self.updates += 1

@@ -82,6 +82,27 @@ def collapse_window_end(window_steps: int, warmup_steps: int, actor_delay_update
     return warmup_steps + actor_delay_updates + window_steps
 
 
+def pretrain(args: argparse.Namespace, work: Path, session_file: Path, calql_session: Path, data_episodes: int,
+             clean_episodes: int, calql_steps: int, eval_episodes: int, log_path: Path) -> float:
+    """Steps 1-2: record the offline data into WORK/data, pre-train Cal-QL into WORK/calql and evaluate
+    it on held-out episodes into WORK/pretrained_eval.json; returns Cal-QL's wall time (s)."""
+    print(f"1. recording {data_episodes} offline episodes (noise {args.data_noise}, failures kept) and "
+          f"{clean_episodes} clean ones", flush=True)
+    steerl("record-demos", "--config", str(session_file), "-n", str(data_episodes), "--keep-failures",
+           "--noise", str(args.data_noise), "--clean-episodes", str(clean_episodes), "--out", str(work / "data"),
+           log_path=log_path)
+    calql_file = work / "calql.yaml"
+    calql_file.write_text(f"alpha_cql: {args.alpha_cql}\nnum_action_samples: {args.cql_samples}\n"
+                          f"bc_weight: {args.bc_weight}\nlog_every: {max(1, calql_steps // 10)}\n")
+    print(f"2. Cal-QL pre-training: {calql_steps} steps", flush=True)
+    calql_s = steerl("train-calql", "--data", str(work / "data"), "--session", str(calql_session), "--config",
+                     str(calql_file), "--steps", str(calql_steps), "--threads", "1", "--out", str(work / "calql"),
+                     log_path=log_path)
+    steerl("eval", "--config", str(session_file), "--checkpoint", str(work / "calql"), "--episodes",
+           str(eval_episodes), "--seed", str(HELD_OUT_SEED), "--json", str(work / "pretrained_eval.json"),
+           log_path=log_path)
+    return calql_s
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="sim_panda_pick_cube")
@@ -110,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-episodes", type=int, default=50, help="held-out episodes of the final evaluations")
     parser.add_argument("--collapse-window", type=int, default=5_000, help="online steps watched for a collapse")
     parser.add_argument("--collapse-tolerance", type=float, default=0.2)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which variants to train (a trial; the targets need wsrl and rlpd)")
+    parser.add_argument("--reuse-pretraining", action="store_true",
+                        help="skip steps 1-2 when WORK holds their results from an earlier run (same options)")
     parser.add_argument("--parallel", action="store_true", help="train the variants side by side")
     parser.add_argument("--work-dir", type=Path, help="where everything goes (default: a temporary directory)")
     parser.add_argument("--png", type=Path)
@@ -147,29 +172,22 @@ def main(argv: list[str] | None = None) -> int:
         calql_session = save_config(dataclasses.replace(
             config, learner=dataclasses.replace(config.learner, sac=calql_sac)), work / "calql_session.yaml")
         log_path = work / "offline.log"
-        print(f"1. recording {data_episodes} offline episodes (noise {args.data_noise}, failures kept) and "
-              f"{clean_episodes} clean ones", flush=True)
-        steerl("record-demos", "--config", str(session_file), "-n", str(data_episodes), "--keep-failures",
-               "--noise", str(args.data_noise), "--clean-episodes", str(clean_episodes), "--out", str(work / "data"),
-               log_path=log_path)
-        calql_file = work / "calql.yaml"
-        calql_file.write_text(f"alpha_cql: {args.alpha_cql}\nnum_action_samples: {args.cql_samples}\n"
-                              f"bc_weight: {args.bc_weight}\nlog_every: {max(1, calql_steps // 10)}\n")
-        print(f"2. Cal-QL pre-training: {calql_steps} steps", flush=True)
-        calql_s = steerl("train-calql", "--data", str(work / "data"), "--session", str(calql_session), "--config",
-                         str(calql_file), "--steps", str(calql_steps), "--threads", "1", "--out", str(work / "calql"),
-                         log_path=log_path)
         pretrained_path = work / "pretrained_eval.json"
-        steerl("eval", "--config", str(session_file), "--checkpoint", str(work / "calql"), "--episodes",
-               str(eval_episodes), "--seed", str(HELD_OUT_SEED), "--json", str(pretrained_path), log_path=log_path)
+        calql_s = None
+        if args.reuse_pretraining and pretrained_path.exists():
+            print(f"1-2. reusing the offline data and the Cal-QL checkpoint in {work}", flush=True)
+        else:
+            calql_s = pretrain(args, work, session_file, calql_session, data_episodes, clean_episodes, calql_steps,
+                               eval_episodes, log_path)
         pretrained = json.loads(pretrained_path.read_text())
-        print(f"   pre-trained policy: {pretrained['success_rate']:.0%} over {eval_episodes} held-out episodes",
-              flush=True)
+        print(f"   pre-trained policy: {pretrained['success_rate']:.0%} over {pretrained['episodes']} held-out "
+              "episodes", flush=True)
 
         warm = ("--warm-start", str(work / "calql"))
         plan = {"wsrl": (0, warm + ("--warmup-steps", str(warmup))),
                 "wsrl_no_warmup": (0, warm + ("--warmup-steps", "0")),
                 "rlpd": (1, ())}
+        plan = {name: plan[name] for name in VARIANTS if name in args.variants}
 
         warm_config = config
         if args.offline_ratio > 0.0:
@@ -202,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
                         start_success={name: pretrained["success_rate"] for name in variants if name != "rlpd"})
             print(f"wrote {args.png}")
 
-    wsrl, rlpd = variants["wsrl"], variants["rlpd"]
-    dip = wsrl["collapse"]["dip_below_pretrained"]
+    targets = {}
+    if "wsrl" in variants:
+        dip = variants["wsrl"]["collapse"]["dip_below_pretrained"]
+        targets["wsrl_no_post_switch_collapse"] = bool(dip is not None and dip <= args.collapse_tolerance + 1e-9)
+    if "wsrl" in variants and "rlpd" in variants:
+        targets["wsrl_final_ge_rlpd"] = bool(variants["wsrl"]["final_eval"]["success_rate"]
+                                             >= variants["rlpd"]["final_eval"]["success_rate"])
     results = {
         "machine": machine,
         "quick": args.quick,
@@ -216,13 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         "gripper_critic": args.gripper_critic,
         "calql": {"steps": calql_steps, "utd_ratio": args.calql_utd, "alpha_cql": args.alpha_cql,
                   "bc_weight": args.bc_weight,
-                  "wall_s": round(calql_s, 1)},
+                  "wall_s": None if calql_s is None else round(calql_s, 1)},
         "pretrained_eval": pretrained,
         "variants": variants,
-        "targets": {
-            "wsrl_no_post_switch_collapse": bool(dip is not None and dip <= args.collapse_tolerance + 1e-9),
-            "wsrl_final_ge_rlpd": bool(wsrl["final_eval"]["success_rate"] >= rlpd["final_eval"]["success_rate"]),
-        },
+        "targets": targets,
     }
     print_targets(results["targets"])
     write_json(args.json, results)

@@ -609,6 +609,10 @@ class GripperCriticConfig:
     enabled: bool = False
     # Subtracted from the gripper critic's reward each time the gripper changes state.
     toggle_penalty: float = 0.1
+    # Epsilon-greedy exploration of the gripper in training actions (never in evaluation): with
+    # this probability per step a uniformly drawn open/stay/close replaces the head's greedy
+    # choice, so that the online critic also sees the choices its policy would not take.
+    exploration_epsilon: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -653,6 +657,9 @@ class SACConfig:
             raise ValueError("batch_size and utd_ratio must be at least 1")
         if not self.state_min_std > 0.0:
             raise ValueError("state_min_std must be positive")
+        if not 0.0 <= self.gripper_critic.exploration_epsilon <= 1.0:
+            raise ValueError("gripper_critic.exploration_epsilon must lie in [0, 1], got "
+                             f"{self.gripper_critic.exploration_epsilon}")
 
 
 @dataclass(frozen=True)

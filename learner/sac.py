@@ -38,6 +38,10 @@ or close (g > 0). With the toggle penalty c::
     y_g = r_g + gamma (1 - d) G'(phi'(s'), argmax_b G(phi(s'), b))
     L_G = mean_batch (G(sg(phi(s)), label) - y_g)^2
 
+Training actions take the greedy choice argmax_b G(phi(s), b) epsilon-greedily
+(``gripper_critic.exploration_epsilon``): the labels above come from the executed commands, so a
+choice the policy never makes at a state would otherwise never get a target there.
+
 The continuous critics see only the continuous action dimensions.
 
 State standardisation (``normalize_state``): before the first update the learner calls

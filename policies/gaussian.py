@@ -13,7 +13,11 @@ softplus(-2u))`` (no ``eps`` fudge, exact for large ``|u|``). The deterministic 
 Module structure (what a published policy holds): ``encoder`` (an :class:`ObservationEncoder`;
 in the learner this is the very module the critic trains, so the policy's encoder weights *are*
 the critic's), ``head`` (the Gaussian MLP) and, with ``gripper_critic.enabled``, ``gripper_head``
-(HIL-SERL's discrete open/stay/close Q-network). Publishing is ``policy.state_dict()`` as
+(HIL-SERL's discrete open/stay/close Q-network). The gripper command is that head's greedy choice,
+except in stochastic (training) actions with ``gripper_critic.exploration_epsilon`` > 0, where
+with that probability a uniformly drawn choice replaces it (epsilon-greedy: without it the online
+gripper critic never sees the choices its policy does not take, and nothing bounds their values).
+Publishing is ``policy.state_dict()`` as
 safetensors bytes (:func:`policy_state_to_bytes`); an actor builds the same module from the
 config and the spaces alone and loads them (:func:`load_policy_bytes`). No pickle anywhere.
 """
@@ -42,6 +46,7 @@ _LOG_2 = math.log(2.0)
 
 # The discrete gripper actions of HIL-SERL's gripper critic.
 GRIPPER_OPEN, GRIPPER_STAY, GRIPPER_CLOSE = 0, 1, 2
+GRIPPER_CHOICES = 3
 GRIPPER_WIDTH_KEY = "gripper_width"
 
 
@@ -158,6 +163,7 @@ class TanhGaussianPolicy(nn.Module):
                 raise ValueError(f"the gripper critic reads the gripper state from {GRIPPER_WIDTH_KEY!r}")
             self.gripper_closed_below = float(np.max(observation_space[GRIPPER_WIDTH_KEY].high)) / 2.0
             self.gripper_head = GripperQHead(self.encoder.output_dim, tuple(config.hidden_dims), config.layer_norm)
+        self.gripper_exploration_epsilon = float(config.gripper_critic.exploration_epsilon)
         self._generator = SeededGenerators(seed)
 
     @property
@@ -176,10 +182,16 @@ class TanhGaussianPolicy(nn.Module):
         Gaussian (see :meth:`full_actions`)."""
         return self.head(self.encoder(observation), deterministic, generator)
 
-    def gripper_commands(self, features: torch.Tensor, gripper_width: torch.Tensor) -> torch.Tensor:
-        """Greedy gripper commands ``[B]`` in {-1, +1} from the gripper head."""
+    def gripper_commands(self, features: torch.Tensor, gripper_width: torch.Tensor, epsilon: float = 0.0,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Gripper commands ``[B]`` in {-1, +1} from the gripper head: greedy, or with probability
+        ``epsilon`` per row a uniformly drawn choice."""
         assert self.gripper_head is not None
         choice = self.gripper_head(features).argmax(dim=-1)
+        if epsilon > 0.0:
+            explore = torch.rand(choice.shape, generator=generator, device=choice.device) < epsilon
+            drawn = torch.randint(GRIPPER_CHOICES, choice.shape, generator=generator, device=choice.device)
+            choice = torch.where(explore, drawn, choice)
         return gripper_command_from_choice(choice, gripper_closed(gripper_width, self.gripper_closed_below))
 
     def sample_actions(
@@ -209,9 +221,11 @@ class TanhGaussianPolicy(nn.Module):
         with torch.inference_mode():
             tensors = observation_to_torch(observation, keys, device, add_batch_dim=True)
             features = self.encoder(tensors)
-            action, _ = self.head(features, deterministic, self._generator(device))
+            generator = self._generator(device)
+            action, _ = self.head(features, deterministic, generator)
             if self.gripper_head is not None:
-                gripper = self.gripper_commands(features, tensors[GRIPPER_WIDTH_KEY]).to(action.dtype)
+                epsilon = 0.0 if deterministic else self.gripper_exploration_epsilon
+                gripper = self.gripper_commands(features, tensors[GRIPPER_WIDTH_KEY], epsilon, generator).to(action.dtype)
                 action = torch.cat([action, gripper[:, None]], dim=-1)
             return action[0].cpu().numpy().astype(np.float32, copy=False)
 

@@ -436,6 +436,31 @@ def test_gripper_stay_keeps_the_current_state() -> None:
         assert action.shape == (4,) and action[-1] == command
 
 
+def test_gripper_explores_epsilon_greedily_in_training_actions_only() -> None:
+    """With the head preferring "stay" on an open gripper (command -1), training actions close it
+    (+1) about epsilon / 3 of the time; evaluation actions, and epsilon 0, never do."""
+    observation_space, action_space = robot_spaces()
+    observation = single(random_observations(observation_space, 1, np.random.default_rng(0)), 0)
+    observation["gripper_width"] = np.array([0.07], np.float32)
+
+    def close_share(epsilon: float, deterministic: bool) -> float:
+        config = SACConfig(**SMALL, gripper_critic=GripperCriticConfig(enabled=True, exploration_epsilon=epsilon))
+        policy = TanhGaussianPolicy(config, observation_space, action_space, seed=3)
+        with torch.no_grad():
+            policy.gripper_head.net[-1].weight.zero_()
+            policy.gripper_head.net[-1].bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+        return float(np.mean([policy.act(observation, deterministic)[-1] == 1.0 for _ in range(3000)]))
+
+    assert close_share(0.3, deterministic=False) == pytest.approx(0.1, abs=0.02)
+    assert close_share(0.3, deterministic=True) == 0.0
+    assert close_share(0.0, deterministic=False) == 0.0
+
+
+def test_gripper_exploration_epsilon_is_validated() -> None:
+    with pytest.raises(ValueError, match="gripper_critic.exploration_epsilon"):
+        SACConfig(gripper_critic=GripperCriticConfig(enabled=True, exploration_epsilon=1.5)).validate()
+
+
 def test_gripper_critic_learns_to_prefer_the_rewarded_command() -> None:
     """A bandit: closing an open gripper pays 1 (minus the toggle penalty), anything else 0."""
     observation_space, action_space = robot_spaces()

@@ -15,8 +15,10 @@ loopback ZeroMQ)::
 
 The offline data is the scripted expert with Gaussian action noise, failures kept (mostly clumsy and
 failed attempts), plus ``--clean-episodes`` noise-free ones in the same buffer. Every variant uses
-HIL-SERL's discrete gripper critic (``--no-gripper-critic`` to drop it); Cal-QL keeps that critic
-conservative too, and adds a behaviour-cloning term (``--bc-weight``) to its actor: with the 100 noisy
+HIL-SERL's discrete gripper critic (``--no-gripper-critic`` to drop it), explored epsilon-greedily
+online (``--gripper-epsilon``, the config's ``gripper_critic.exploration_epsilon`` by default: without
+it the warm-started gripper critic, no longer conservative, over-values closing far from the cube and
+the policy collapses); Cal-QL keeps that critic conservative too, and adds a behaviour-cloning term (``--bc-weight``) to its actor: with the 100 noisy
 + 50 clean episodes, alpha_cql 1 and bc_weight 5, the pre-trained policy grasps (100 % over 50
 held-out episodes after 6,000 steps), where without them it hovered over the cube or closed the
 gripper at once (RESULTS "WSRL: offline pre-training"). Every variant evaluates its deterministic
@@ -32,6 +34,9 @@ evaluation of the whole run is reported beside it.
     python benchmarks/finetune.py --steps 20000 --work-dir runs/finetune \\
         --png benchmarks/results/finetune_pick_cube.png --json benchmarks/results/finetune_pick_cube.json
     python benchmarks/finetune.py --quick
+
+For trials: ``--variants`` trains a subset, ``--reuse-pretraining`` skips steps 1-2 when the work
+directory already holds them.
 """
 
 from __future__ import annotations
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bc-weight", type=float, default=5.0, help="Cal-QL's behaviour-cloning term on the actor")
     parser.add_argument("--gripper-critic", action=argparse.BooleanOptionalAction, default=True,
                         help="HIL-SERL's discrete gripper critic in every variant (Cal-QL keeps it conservative)")
+    parser.add_argument("--gripper-epsilon", type=float,
+                        help="gripper_critic.exploration_epsilon of every variant (default: the config's)")
     parser.add_argument("--cql-samples", type=int, default=4, help="actions per proposal in the regulariser")
     parser.add_argument("--warmup-steps", type=int, default=2_000, help="WSRL's warm-up (env steps, no updates)")
     parser.add_argument("--actor-delay-updates", type=int,
@@ -144,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not 0.0 <= args.offline_ratio < 1.0:
         parser.error(f"--offline-ratio must lie in [0, 1), got {args.offline_ratio}")
+    if args.gripper_epsilon is not None and not 0.0 <= args.gripper_epsilon <= 1.0:
+        parser.error(f"--gripper-epsilon must lie in [0, 1], got {args.gripper_epsilon}")
     machine = machine_info()
     config = load_config(args.config)
     steps, eval_episodes, calql_steps, warmup = args.steps, args.eval_episodes, args.calql_steps, args.warmup_steps
@@ -151,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     actor = dataclasses.replace(config.actor, eval_every_episodes=args.eval_every,
                                 eval_episodes=args.eval_episodes_periodic)
     sac = config.learner.sac
-    sac = dataclasses.replace(sac, gripper_critic=dataclasses.replace(sac.gripper_critic, enabled=args.gripper_critic))
+    gripper_critic = dataclasses.replace(sac.gripper_critic, enabled=args.gripper_critic)
+    if args.gripper_epsilon is not None:
+        gripper_critic = dataclasses.replace(gripper_critic, exploration_epsilon=args.gripper_epsilon)
+    sac = dataclasses.replace(sac, gripper_critic=gripper_critic)
     warm_start = config.learner.warm_start
     if args.actor_delay_updates is not None:
         warm_start = dataclasses.replace(warm_start, actor_delay_updates=args.actor_delay_updates)
@@ -237,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "options": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
         "offline_data": {"episodes": data_episodes, "noise": args.data_noise, "clean_episodes": clean_episodes},
         "gripper_critic": args.gripper_critic,
+        "gripper_exploration_epsilon": config.learner.sac.gripper_critic.exploration_epsilon,
         "calql": {"steps": calql_steps, "utd_ratio": args.calql_utd, "alpha_cql": args.alpha_cql,
                   "bc_weight": args.bc_weight,
                   "wall_s": None if calql_s is None else round(calql_s, 1)},

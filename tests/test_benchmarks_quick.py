@@ -113,6 +113,21 @@ def test_finetune_benchmark_quick(tmp_path: Path) -> None:
     assert all(isinstance(flag, bool) for flag in results["targets"].values())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # A trial: one variant from the same pre-training (not recorded or trained again), its own gripper epsilon.
+    checkpoint_files = sorted(path.name for path in (work / "calql").rglob("*"))
+    trial = tmp_path / "trial.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "finetune.py"), "--quick", "--variants", "wsrl",
+         "--reuse-pretraining", "--gripper-epsilon", "0.3", "--work-dir", str(work), "--json", str(trial)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    assert "reusing the offline data" in completed.stdout
+    results = json.loads(trial.read_text())
+    assert set(results["variants"]) == {"wsrl"} and set(results["targets"]) == {"wsrl_no_post_switch_collapse"}
+    assert results["calql"]["wall_s"] is None and results["gripper_exploration_epsilon"] == 0.3
+    assert "exploration_epsilon: 0.3" in (work / "wsrl.yaml").read_text()
+    assert sorted(path.name for path in (work / "calql").rglob("*")) == checkpoint_files
+
 
 def test_steps_to_target_and_the_operator_comparison() -> None:
     sys.path.insert(0, str(REPO))

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="HIL-SERL's discrete gripper critic in every variant (Cal-QL keeps it conservative)")
     parser.add_argument("--gripper-epsilon", type=float,
                         help="gripper_critic.exploration_epsilon of every variant (default: the config's)")
+    parser.add_argument("--gripper-conservative-weight", type=float,
+                        help="gripper_critic.conservative_weight of every variant online (default: the config's)")
     parser.add_argument("--cql-samples", type=int, default=4, help="actions per proposal in the regulariser")
     parser.add_argument("--warmup-steps", type=int, default=2_000, help="WSRL's warm-up (env steps, no updates)")
     parser.add_argument("--actor-delay-updates", type=int,
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     gripper_critic = dataclasses.replace(sac.gripper_critic, enabled=args.gripper_critic)
     if args.gripper_epsilon is not None:
         gripper_critic = dataclasses.replace(gripper_critic, exploration_epsilon=args.gripper_epsilon)
+    if args.gripper_conservative_weight is not None:
+        gripper_critic = dataclasses.replace(gripper_critic, conservative_weight=args.gripper_conservative_weight)
     sac = dataclasses.replace(sac, gripper_critic=gripper_critic)
     warm_start = config.learner.warm_start
     if args.actor_delay_updates is not None:
@@ -180,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         session_file = save_config(config, work / "session.yaml")
         # Only the networks must match the online learner's (the warm start checks them), not the UTD ratio.
-        calql_sac = dataclasses.replace(config.learner.sac, utd_ratio=args.calql_utd)
+        # Cal-QL's own calibrated gripper term replaces the online one in pre-training.
+        calql_sac = dataclasses.replace(config.learner.sac, utd_ratio=args.calql_utd, gripper_critic=dataclasses.replace(
+            config.learner.sac.gripper_critic, conservative_weight=0.0))
         calql_session = save_config(dataclasses.replace(
             config, learner=dataclasses.replace(config.learner, sac=calql_sac)), work / "calql_session.yaml")
         log_path = work / "offline.log"
@@ -250,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "offline_data": {"episodes": data_episodes, "noise": args.data_noise, "clean_episodes": clean_episodes},
         "gripper_critic": args.gripper_critic,
         "gripper_exploration_epsilon": config.learner.sac.gripper_critic.exploration_epsilon,
+        "gripper_conservative_weight": config.learner.sac.gripper_critic.conservative_weight,
         "calql": {"steps": calql_steps, "utd_ratio": args.calql_utd, "alpha_cql": args.alpha_cql,
                   "bc_weight": args.bc_weight,
                   "wall_s": None if calql_s is None else round(calql_s, 1)},

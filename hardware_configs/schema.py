@@ -613,6 +613,10 @@ class GripperCriticConfig:
     # this probability per step a uniformly drawn open/stay/close replaces the head's greedy
     # choice, so that the online critic also sees the choices its policy would not take.
     exploration_epsilon: float = 0.1
+    # Weight of a conservative term on the gripper head in online training (SAC/RLPD/WSRL):
+    # w * mean[logsumexp_c G(s, c) - G(s, c_executed)], Cal-QL's gripper term without the
+    # calibration. 0 is plain double DQN; Cal-QL pre-training adds its own term (alpha_cql).
+    conservative_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -657,6 +661,9 @@ class SACConfig:
             raise ValueError("batch_size and utd_ratio must be at least 1")
         if not self.state_min_std > 0.0:
             raise ValueError("state_min_std must be positive")
+        if not self.gripper_critic.conservative_weight >= 0.0:
+            raise ValueError("gripper_critic.conservative_weight must be >= 0, got "
+                             f"{self.gripper_critic.conservative_weight}")
         if not 0.0 <= self.gripper_critic.exploration_epsilon <= 1.0:
             raise ValueError("gripper_critic.exploration_epsilon must lie in [0, 1], got "
                              f"{self.gripper_critic.exploration_epsilon}")

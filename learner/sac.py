@@ -37,6 +37,7 @@ or close (g > 0). With the toggle penalty c::
     r_g = r - c [label != stay]
     y_g = r_g + gamma (1 - d) G'(phi'(s'), argmax_b G(phi(s'), b))
     L_G = mean_batch (G(sg(phi(s)), label) - y_g)^2
+          + w mean_batch [ logsumexp_b G(sg(phi(s)), b) - G(sg(phi(s)), label) ]   (w: conservative_weight)
 
 Training actions take the greedy choice argmax_b G(phi(s), b) epsilon-greedily
 (``gripper_critic.exploration_epsilon``): the labels above come from the executed commands, so a
@@ -455,8 +456,13 @@ class SACAgent:
             next_choice = head(next_features).argmax(dim=-1, keepdim=True)
             next_q = target_head(target_features).gather(1, next_choice).squeeze(1)
             target = rewards + self.config.discount * (1.0 - batch.terminated) * next_q
-        q_taken = head(features).gather(1, labels[:, None]).squeeze(1)
-        return F.mse_loss(q_taken, target), q_taken.detach().mean()
+        q_classes = head(features)
+        q_taken = q_classes.gather(1, labels[:, None]).squeeze(1)
+        loss = F.mse_loss(q_taken, target)
+        weight = self.config.gripper_critic.conservative_weight
+        if weight > 0.0:
+            loss = loss + weight * (torch.logsumexp(q_classes, dim=1) - q_taken).mean()
+        return loss, q_taken.detach().mean()
 
     def _actor_and_temperature_step(
         self, observation: dict[str, torch.Tensor], batch: Optional[TorchBatch] = None

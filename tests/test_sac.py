@@ -456,6 +456,39 @@ def test_gripper_explores_epsilon_greedily_in_training_actions_only() -> None:
     assert close_share(0.0, deterministic=False) == 0.0
 
 
+def test_gripper_conservative_weight_keeps_unseen_classes_below_the_executed_one() -> None:
+    """Online data that always keeps an open gripper open ("stay"), at -1 a step: plain double DQN
+    leaves the never-executed classes where the network puts them; the conservative term pushes
+    them below "stay"."""
+    observation_space, action_space = robot_spaces()
+
+    def gripper_values(weight: float) -> np.ndarray:
+        config = SACConfig(**SMALL, discount=0.8, critic_lr=3e-3, gripper_critic=GripperCriticConfig(
+            enabled=True, toggle_penalty=0.0, conservative_weight=weight))
+        agent = SACAgent(config, observation_space, action_space, seed=0)
+        for step in range(200):
+            batch = random_batch(observation_space, 4, 64, seed=step)
+            batch.observations["gripper_width"][:] = 0.08
+            batch.next_observations["gripper_width"][:] = 0.08
+            batch.actions[:, -1] = -1.0
+            batch.rewards = np.full(64, -1.0, np.float32)
+            batch.terminated = np.zeros(64, np.float32)
+            agent.update(batch)
+        observations = random_observations(observation_space, 16, np.random.default_rng(1))
+        observations["gripper_width"][:] = 0.08
+        with torch.no_grad():
+            tensors = {k: torch.from_numpy(v) for k, v in observations.items()}
+            return agent.policy.gripper_head(agent.encoder(tensors)).mean(dim=0).numpy()
+
+    plain, conservative = gripper_values(0.0), gripper_values(2.0)
+    assert plain[GRIPPER_STAY] < -0.5
+    assert max(plain[GRIPPER_OPEN], plain[GRIPPER_CLOSE]) > plain[GRIPPER_STAY]
+    assert conservative[GRIPPER_CLOSE] < conservative[GRIPPER_STAY] - 0.5
+    assert conservative[GRIPPER_OPEN] < conservative[GRIPPER_STAY] - 0.5
+    with pytest.raises(ValueError, match="gripper_critic.conservative_weight"):
+        SACConfig(gripper_critic=GripperCriticConfig(enabled=True, conservative_weight=-1.0)).validate()
+
+
 def test_gripper_exploration_epsilon_is_validated() -> None:
     with pytest.raises(ValueError, match="gripper_critic.exploration_epsilon"):
         SACConfig(gripper_critic=GripperCriticConfig(enabled=True, exploration_epsilon=1.5)).validate()

@@ -18,8 +18,11 @@ failed attempts), plus ``--clean-episodes`` noise-free ones in the same buffer. 
 HIL-SERL's discrete gripper critic (``--no-gripper-critic`` to drop it), explored epsilon-greedily
 online (``--gripper-epsilon``, the config's ``gripper_critic.exploration_epsilon`` by default: without
 it the warm-started gripper critic, no longer conservative, over-values closing far from the cube and
-the policy collapses); Cal-QL keeps that critic conservative too, and adds a behaviour-cloning term (``--bc-weight``) to its actor: with the 100 noisy
-+ 50 clean episodes, alpha_cql 1 and bc_weight 5, the pre-trained policy grasps (100 % over 50
+the policy collapses) and, with ``--gripper-conservative-weight``, kept conservative online too (the
+executed class above the others: without it the head can come to rank "close later" above "close
+now" and never close); Cal-QL keeps that critic conservative in pre-training with its own term,
+and adds a behaviour-cloning term (``--bc-weight``) to its actor: with the 100 noisy + 50 clean
+episodes, alpha_cql 1 and bc_weight 5, the pre-trained policy grasps (100 % over 50
 held-out episodes after 6,000 steps), where without them it hovered over the cube or closed the
 gripper at once (RESULTS "WSRL: offline pre-training"). Every variant evaluates its deterministic
 policy every ``--eval-every`` episodes (``--eval-episodes-periodic`` episodes; the curves) and at
@@ -31,7 +34,8 @@ and ``learner.warm_start.actor_delay_updates``) is at most ``--collapse-toleranc
 pre-trained policy's held-out success — and its final success is at least RLPD's. The lowest
 evaluation of the whole run is reported beside it.
 
-    python benchmarks/finetune.py --steps 20000 --work-dir runs/finetune \\
+    python benchmarks/finetune.py --steps 20000 --calql-steps 6000 --warmup-steps 5000 \\
+        --gripper-conservative-weight 1.0 --work-dir runs/finetune \\
         --png benchmarks/results/finetune_pick_cube.png --json benchmarks/results/finetune_pick_cube.json
     python benchmarks/finetune.py --quick
 

@@ -188,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         session_file = save_config(config, work / "session.yaml")
         # Only the networks must match the online learner's (the warm start checks them), not the UTD ratio.
-        # Cal-QL's own calibrated gripper term replaces the online one in pre-training.
-        calql_sac = dataclasses.replace(config.learner.sac, utd_ratio=args.calql_utd, gripper_critic=dataclasses.replace(
-            config.learner.sac.gripper_critic, conservative_weight=0.0))
+        calql_sac = dataclasses.replace(config.learner.sac, utd_ratio=args.calql_utd)
         calql_session = save_config(dataclasses.replace(
             config, learner=dataclasses.replace(config.learner, sac=calql_sac)), work / "calql_session.yaml")
         log_path = work / "offline.log"

@@ -615,7 +615,7 @@ class GripperCriticConfig:
     exploration_epsilon: float = 0.1
     # Weight of a conservative term on the gripper head in online training (SAC/RLPD/WSRL):
     # w * mean[logsumexp_c G(s, c) - G(s, c_executed)], Cal-QL's gripper term without the
-    # calibration. 0 is plain double DQN; Cal-QL pre-training adds its own term (alpha_cql).
+    # calibration. 0 is plain double DQN; Cal-QL pre-training uses its own term (alpha_cql) instead.
     conservative_weight: float = 0.0
 
 

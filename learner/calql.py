@@ -102,8 +102,7 @@ from gymnasium import spaces
 from hardware_configs.loader import ConfigError, load_dataclass, load_yaml, to_dict
 from hardware_configs.schema import SACConfig
 from learner.replay import Batch, ReplayBuffer, concatenate
-from learner.sac import SACAgent, TorchBatch, gripper_labels
-from policies.gaussian import GRIPPER_WIDTH_KEY, gripper_closed
+from learner.sac import SACAgent, TorchBatch
 
 log = logging.getLogger("steerl.learner.calql")
 
@@ -504,23 +503,18 @@ class CalQLAgent(SACAgent):
         }
         return loss, metrics
 
-    def _gripper_loss(
-        self, batch: TorchBatch, features: torch.Tensor, next_features: torch.Tensor, target_features: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SAC's gripper loss plus the conservative term over the three classes (module docstring)."""
-        td_loss, q_taken = super()._gripper_loss(batch, features, next_features, target_features)
+    def _gripper_conservative_term(
+        self, batch: TorchBatch, q_classes: torch.Tensor, q_taken: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """The calibrated conservative term over the three classes (module docstring), in place of
+        SAC's uncalibrated online one."""
         if not isinstance(batch, CalQLBatch):
             raise TypeError("CalQLAgent trains on CalQLBatch / ReturnBatch batches (they carry mc_returns)")
         config = self.calql_config
-        with torch.no_grad():
-            labels = gripper_labels(batch.actions[:, -1], gripper_closed(batch.observations[GRIPPER_WIDTH_KEY],
-                                                                         self.policy.gripper_closed_below))
-        q_classes = self.policy.gripper_head(features)
-        q_data = q_classes.gather(1, labels[:, None]).squeeze(1)
         if config.calibrated:
             q_classes = torch.maximum(q_classes, batch.mc_returns[:, None])
         ood_value = config.cql_temperature * torch.logsumexp(q_classes / config.cql_temperature, dim=1)
-        return td_loss + config.alpha_cql * (ood_value - q_data).mean(), q_taken
+        return config.alpha_cql * (ood_value - q_taken).mean()
 
     def _actor_regularizer(
         self, batch: TorchBatch, actions: torch.Tensor, log_prob: torch.Tensor

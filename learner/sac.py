@@ -459,10 +459,20 @@ class SACAgent:
         q_classes = head(features)
         q_taken = q_classes.gather(1, labels[:, None]).squeeze(1)
         loss = F.mse_loss(q_taken, target)
-        weight = self.config.gripper_critic.conservative_weight
-        if weight > 0.0:
-            loss = loss + weight * (torch.logsumexp(q_classes, dim=1) - q_taken).mean()
+        conservative = self._gripper_conservative_term(batch, q_classes, q_taken)
+        if conservative is not None:
+            loss = loss + conservative
         return loss, q_taken.detach().mean()
+
+    def _gripper_conservative_term(
+        self, batch: TorchBatch, q_classes: torch.Tensor, q_taken: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """The gripper head's conservative term ``w mean[logsumexp_b G(s, b) - G(s, label)]``
+        (``gripper_critic.conservative_weight``; none at 0). Cal-QL replaces it with its calibrated one."""
+        weight = self.config.gripper_critic.conservative_weight
+        if weight == 0.0:
+            return None
+        return weight * (torch.logsumexp(q_classes, dim=1) - q_taken).mean()
 
     def _actor_and_temperature_step(
         self, observation: dict[str, torch.Tensor], batch: Optional[TorchBatch] = None

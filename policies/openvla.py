@@ -43,9 +43,12 @@ Raw action
 
 Decoding here (differs from ``predict_action`` on purpose)
     The adapter runs the vision backbone and projector once per observation, builds the multimodal
-    prefix embeddings itself (Prismatic's insertion after ``<s>``), left-pads them, repeats each row
-    ``K`` times and calls ``model.language_model.generate(inputs_embeds=...)`` *once* for all
-    ``B * K`` rows, with a logits processor that leaves only the ``n_bins`` action tokens, exactly
+    prefix embeddings itself (Prismatic's insertion after ``<s>``), left-pads them, runs the language
+    model over the prefix once per observation (its key/value cache, :meth:`OpenVLAPolicy.prefill`),
+    repeats each row of the cache and of the prefix ``K`` times and calls
+    ``model.language_model.generate(inputs_embeds=..., past_key_values=...)`` *once* for all ``B * K``
+    rows: the K samples share the image, the prompt and their prefill, and only the ``A_raw`` decoding
+    steps run on ``B * K`` rows. A logits processor leaves only the ``n_bins`` action tokens; exactly
     ``A_raw`` new tokens, pure temperature sampling (``top_k=0``, ``top_p=1``; transformers' default
     would otherwise apply ``top_k=50``) or greedy decoding for ``deterministic=True``. It does not
     call the checkpoint's own ``generate``: the hub remote code refuses batches larger than one
@@ -597,6 +600,23 @@ def action_token_mask(layout: ActionTokenLayout) -> Any:
     return _action_token_mask_class()(layout.first_token_id, layout.vocab_size)
 
 
+@functools.cache
+def cache_argument() -> str:
+    """The name of the key/value cache argument of ``generate`` and of the models' ``forward``:
+    ``cache`` from transformers 5.24 on (where ``past_key_values`` still works but warns),
+    ``past_key_values`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+
+def token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch ``[B, L]``: counted from each row's first unpadded entry
+    (0 on the padding), as transformers' ``generate`` counts them."""
+    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
 def _center_crop(image: Any, scale: float) -> Any:
     """Keep the central ``sqrt(scale)`` of each side, resize back (OpenVLA's ``crop_and_resize``)."""
     from PIL import Image
@@ -773,8 +793,10 @@ class OpenVLAPolicy(Policy):
             raise ValueError(f"observation {self.config.image_key!r} holds an empty batch")
         prompts = self.prompts(observations, batch)
         embeddings, attention_mask = self.prefix_embeddings(prompts, images)
+        cache = self.prefill(embeddings, attention_mask)
         rows = 1 if deterministic else num_samples
         if rows > 1:
+            cache.batch_repeat_interleave(rows)
             embeddings = embeddings.repeat_interleave(rows, dim=0)
             attention_mask = attention_mask.repeat_interleave(rows, dim=0)
 
@@ -783,12 +805,28 @@ class OpenVLAPolicy(Policy):
         sampling = {} if deterministic else {"temperature": float(self.config.temperature), "top_k": 0, "top_p": 1.0}
         generation = GenerationConfig(max_new_tokens=self.raw_action_dim, do_sample=not deterministic, num_beams=1,
                                       use_cache=True, pad_token_id=pad_id, **sampling)
+        # generate sees the whole prefix but runs the model only past the cached positions: the last
+        # prefix position (which predicts the first action token) and the A_raw - 1 tokens after it
         generated = self.model.language_model.generate(
             inputs_embeds=embeddings, attention_mask=attention_mask, generation_config=generation,
-            logits_processor=LogitsProcessorList([action_token_mask(self.layout)]),
+            logits_processor=LogitsProcessorList([action_token_mask(self.layout)]), **{cache_argument(): cache},
         )
         tokens = generated[:, -self.raw_action_dim:].reshape(batch, rows, self.raw_action_dim)
         return tokens.repeat(1, num_samples // rows, 1)  # greedy: the one best guess in every slot
+
+    def prefill(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        """The language model's key/value cache of every prefix position but the last, one row per
+        observation (a transformers ``DynamicCache``): the part of decoding that K samples share.
+
+        Positions count from each row's first unpadded entry, as ``generate`` counts them."""
+        from transformers import DynamicCache
+
+        language_model = self.model.language_model
+        cache = DynamicCache(config=language_model.config)
+        language_model.get_decoder()(inputs_embeds=embeddings[:, :-1], attention_mask=attention_mask[:, :-1],
+                                     position_ids=token_positions(attention_mask)[:, :-1], use_cache=True,
+                                     **{cache_argument(): cache})
+        return cache
 
     def prompt_token_ids(self, prompts: Sequence[str]) -> list[torch.Tensor]:
         """Each prompt's token ids as the model sees them: ``<s>``, the prompt, the empty token."""
@@ -859,9 +897,8 @@ class OpenVLAPolicy(Policy):
         prefix, prefix_mask = self.prefix_embeddings(self.prompts(observations, batch), images)
         embeddings = torch.cat([prefix, self.model.get_input_embeddings()(targets[:, :-1]).to(prefix.dtype)], dim=1)
         attention_mask = torch.cat([prefix_mask, prefix_mask.new_ones((batch, targets.shape[1] - 1))], dim=1)
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         logits = self.model.language_model(inputs_embeds=embeddings, attention_mask=attention_mask,
-                                           position_ids=position_ids, use_cache=False).logits
+                                           position_ids=token_positions(attention_mask), use_cache=False).logits
         logits = logits[:, prefix.shape[1] - 1:].float()  # the positions that predict t_0 .. t_{A_raw-1}
         return logits.log_softmax(dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 

@@ -197,6 +197,48 @@ def test_k_samples_come_from_one_generate_call_and_one_vision_pass(policy, monke
     assert torch.equal(rows[0], rows[4]) and not torch.equal(rows[4], rows[5])
 
 
+def test_k_samples_share_one_prefill_of_the_prefix(policy):
+    """The decoder runs over the prefix once per observation; every later call runs B * K rows of
+    one new position each (the last prefix position, then the action tokens)."""
+    decoder_inputs = []
+
+    def record(module, args, kwargs):  # the prefix arrives as embeddings, generated tokens as ids
+        inputs = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        decoder_inputs.append(tuple(inputs.shape[:2]))
+
+    hook = policy.model.language_model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        batch = observations(["pick up the cube", "put the red block in the bowl"])
+        prefix_length = policy.prefix_embeddings(policy.prompts(batch, 2), policy.images(batch))[0].shape[1]
+        decoder_inputs.clear()
+        policy.generate_action_tokens(batch, 5)
+    finally:
+        hook.remove()
+    assert decoder_inputs == [(2, prefix_length - 1)] + [(10, 1)] * policy.raw_action_dim
+
+
+def test_shared_prefill_samples_what_k_separate_prefixes_sample(policy):
+    """The same seed gives the same tokens as generate over K copies of each (left-padded) prefix
+    without a cache: sharing the prefill changes the cost, not the distribution."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from policies.openvla import action_token_mask
+
+    batch = observations(["push the cube", "put the red block on the blue block and move left"], seed=4)
+    embeddings, attention_mask = policy.prefix_embeddings(policy.prompts(batch, 2), policy.images(batch))
+    generation = GenerationConfig(max_new_tokens=policy.raw_action_dim, do_sample=True, num_beams=1, temperature=1.0,
+                                  top_k=0, top_p=1.0, pad_token_id=policy.processor.tokenizer.pad_token_id)
+    torch.manual_seed(11)
+    with torch.inference_mode():
+        reference = policy.model.language_model.generate(
+            inputs_embeds=embeddings.repeat_interleave(4, dim=0), attention_mask=attention_mask.repeat_interleave(4, dim=0),
+            generation_config=generation, logits_processor=LogitsProcessorList([action_token_mask(policy.layout)]))
+    torch.manual_seed(11)
+    shared = policy.generate_action_tokens(batch, 4)
+    assert torch.equal(shared, reference[:, -policy.raw_action_dim:].reshape(2, 4, policy.raw_action_dim))
+    assert len({tuple(row.tolist()) for row in shared[1]}) > 1
+
+
 def test_greedy_decoding_is_deterministic_and_fills_all_k_slots(policy):
     batch = observations(["pick up the cube", "open the drawer"])
     torch.manual_seed(1)

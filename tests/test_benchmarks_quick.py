@@ -225,10 +225,14 @@ def test_policy_latency_benchmark_quick(tmp_path: Path) -> None:
     assert set(results["vgps"]["latency"]) == {"base", "vgps_k10"}
     for name, value in {**results["vgps"]["latency"], **results["openvla"]["latency"]}.items():
         _positive_finite(value["p50_ms"], name)
-    assert set(results["openvla"]["latency"]) == {"k1", "k10"} and results["openvla"]["size"] == "tiny"
+    assert set(results["openvla"]["latency"]) == {"k1", "k10", "k10_unshared", "vgps_k10"}
+    assert results["openvla"]["size"] == "tiny"
     assert results["vgps"]["ratios"]["vgps_k10_over_base"] == (
         results["vgps"]["latency"]["vgps_k10"]["p50_ms"] / results["vgps"]["latency"]["base"]["p50_ms"])
+    assert results["openvla"]["ratios"]["vgps_k10_over_k1"] == (
+        results["openvla"]["latency"]["vgps_k10"]["p50_ms"] / results["openvla"]["latency"]["k1"]["p50_ms"])
     assert isinstance(results["targets"]["vgps_k10_latency_le_1.5x_base"], bool)
+    assert isinstance(results["targets"]["openvla_vgps_k10_latency_le_1.5x_one_sample"], bool)
     # The 7B-shaped model is refused on the CPU with a message naming the option.
     refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "policy_latency.py"), "--device", "cpu"],
                              cwd=REPO, capture_output=True, text=True, timeout=120)

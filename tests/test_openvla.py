@@ -220,23 +220,35 @@ def test_k_samples_share_one_prefill_of_the_prefix(policy):
 def test_shared_prefill_samples_what_k_separate_prefixes_sample(policy):
     """The same seed gives the same tokens as generate over K copies of each (left-padded) prefix
     without a cache: sharing the prefill changes the cost, not the distribution."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    from policies.openvla import action_token_mask
+    from benchmarks.policy_latency import sample_tokens_without_shared_prefill
 
     batch = observations(["push the cube", "put the red block on the blue block and move left"], seed=4)
-    embeddings, attention_mask = policy.prefix_embeddings(policy.prompts(batch, 2), policy.images(batch))
-    generation = GenerationConfig(max_new_tokens=policy.raw_action_dim, do_sample=True, num_beams=1, temperature=1.0,
-                                  top_k=0, top_p=1.0, pad_token_id=policy.processor.tokenizer.pad_token_id)
     torch.manual_seed(11)
-    with torch.inference_mode():
-        reference = policy.model.language_model.generate(
-            inputs_embeds=embeddings.repeat_interleave(4, dim=0), attention_mask=attention_mask.repeat_interleave(4, dim=0),
-            generation_config=generation, logits_processor=LogitsProcessorList([action_token_mask(policy.layout)]))
+    reference = sample_tokens_without_shared_prefill(policy, batch, 4)
     torch.manual_seed(11)
     shared = policy.generate_action_tokens(batch, 4)
-    assert torch.equal(shared, reference[:, -policy.raw_action_dim:].reshape(2, 4, policy.raw_action_dim))
+    assert shared.shape == (2, 4, policy.raw_action_dim) and torch.equal(shared, reference)
     assert len({tuple(row.tolist()) for row in shared[1]}) > 1
+
+
+def test_action_token_sampler_draws_from_the_tempered_softmax_over_action_tokens():
+    """Gumbel-max: argmax of the processed scores is distributed as softmax(logits / T) restricted to
+    the action tokens; no other token is ever chosen; without a temperature it is the argmax."""
+    from policies.openvla import action_token_sampler
+
+    layout = ActionTokenLayout(vocab_size=40, n_bins=4)  # action tokens 36..39; 40.. is padding
+    logits = torch.zeros(1, 48)
+    logits[0, 36:40] = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    logits[0, 5] = logits[0, 44] = 10.0  # a text token and a padded row that would win unmasked
+    torch.manual_seed(0)
+    draws = 40_000
+    chosen = action_token_sampler(layout, 0.5)(None, logits.expand(draws, -1).clone()).argmax(-1)
+    assert chosen.min() >= 36 and chosen.max() <= 39
+    frequencies = torch.bincount(chosen - 36, minlength=4).float() / draws
+    expected = torch.softmax(logits[0, 36:40] / 0.5, dim=0)
+    assert torch.allclose(frequencies, expected, atol=0.01), (frequencies, expected)
+    greedy = action_token_sampler(layout, None)(None, logits.clone())
+    assert greedy.argmax(-1).item() == 38 and torch.isinf(greedy[0, :36]).all() and torch.isinf(greedy[0, 40:]).all()
 
 
 def test_greedy_decoding_is_deterministic_and_fills_all_k_slots(policy):

@@ -424,7 +424,7 @@ def test_openvla_action_tokens_decode_back_to_the_action_within_half_a_bin(vla_c
 def test_openvla_teacher_forced_log_likelihood_is_that_of_generation(vla_checkpoint: Path) -> None:
     from transformers import GenerationConfig, LogitsProcessorList
 
-    from policies.openvla import action_token_mask
+    from policies.openvla import action_token_sampler
 
     vla = tiny_vla_policy(vla_checkpoint)
     # prompts of different lengths: left padding and positions must line up with generation's
@@ -434,7 +434,7 @@ def test_openvla_teacher_forced_log_likelihood_is_that_of_generation(vla_checkpo
         prefix, mask = vla.prefix_embeddings(vla.prompts(observations, 3), vla.images(observations))
         generated = vla.model.language_model.generate(
             inputs_embeds=prefix, attention_mask=mask,
-            logits_processor=LogitsProcessorList([action_token_mask(vla.layout)]),
+            logits_processor=LogitsProcessorList([action_token_sampler(vla.layout, None)]),
             generation_config=GenerationConfig(max_new_tokens=7, do_sample=False, output_logits=True,
                                                return_dict_in_generate=True, pad_token_id=32000))
         tokens = generated.sequences[:, -7:]

@@ -191,7 +191,6 @@ class CountingBackbone(nn.Module):
         return self.inner(images)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_state_standardisation_uses_measured_statistics_floor_and_clip() -> None:
     observation_space, action_space = robot_spaces()
     agent = SACAgent(SACConfig(**SMALL, state_min_std=0.01), observation_space, action_space,
@@ -246,6 +245,7 @@ def test_spatial_softmax_finds_the_peak_and_keeps_published_weights_small() -> N
     assert len(strided.publish_policy()) < sizes["flatten"] / 10
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_pretrained_backbone_is_frozen_cached_per_minibatch_and_not_published(tmp_path) -> None:
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
     path = tmp_path / "backbone.pt"

@@ -46,7 +46,7 @@ Decoding here (differs from ``predict_action`` on purpose)
     prefix embeddings itself (Prismatic's insertion after ``<s>``), left-pads them, runs the language
     model over the prefix once per observation (its key/value cache, :meth:`OpenVLAPolicy.prefill`),
     repeats each row of the cache and of the prefix ``K`` times and calls
-    ``model.language_model.generate(inputs_embeds=..., past_key_values=...)`` *once* for all ``B * K``
+    ``model.language_model.generate`` with the prefix embeddings and that cache *once* for all ``B * K``
     rows: the K samples share the image, the prompt and their prefill, and only the ``A_raw`` decoding
     steps run on ``B * K`` rows, exactly ``A_raw`` new tokens each. ``generate`` decodes greedily; the
     sampling happens in a logits processor that leaves only the ``n_bins`` action tokens and, unless

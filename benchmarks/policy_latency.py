@@ -10,7 +10,7 @@ Two groups, each measured as the median wall time of one action selection for on
    Target (the V-GPS issue): K = 10 costs at most 1.5x one sample.
 2. **OpenVLA** through the adapter's own loading path (``policies/openvla.py``: a checkpoint
    directory with remote code, ``AutoProcessor``, one prefill of the multimodal prefix shared by the
-   K samples, one batched ``generate`` with the action-token mask): a random-init model with
+   K samples, one batched ``generate`` with the action-token sampler): a random-init model with
    openvla-7b's shapes (Llama-2-7B, DINOv2 ViT-L + SigLIP SO400M at 224 px; ``tests/tiny_vla.py``)
    in bf16, K = 1 and K = 10 samples per action; V-GPS over it (K = 10 candidates scored by the
    same critic as in 1, the default action mapping ``[dx, dy, dz, gripper]``); and, as the baseline

@@ -139,24 +139,15 @@ def small_openvla_spec() -> Any:
 def sample_tokens_without_shared_prefill(policy: Any, observations: Mapping[str, Any], num_samples: int) -> torch.Tensor:
     """``[B, K, A_raw]`` action tokens sampled as the adapter did before it shared the prefill: one
     ``generate`` over K copies of each observation's multimodal prefix, no cache given, so the
-    language model runs over the whole prefix B * K times (the same sampling processor). The
+    language model runs over the whole prefix B * K times (the same decoding otherwise). The
     baseline of the OpenVLA group, and the reference the adapter's tests compare the shared prefill
     with (same seed, same tokens)."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    from policies.openvla import action_token_sampler
-
     images = policy.images(observations)
     embeddings, attention_mask = policy.prefix_embeddings(policy.prompts(observations, len(images)), images)
-    generation = GenerationConfig(max_new_tokens=policy.raw_action_dim, do_sample=False, num_beams=1,
-                                  pad_token_id=policy.processor.tokenizer.pad_token_id)
-    sampler = action_token_sampler(policy.layout, float(policy.config.temperature))
     with torch.inference_mode():
-        generated = policy.model.language_model.generate(
-            inputs_embeds=embeddings.repeat_interleave(num_samples, dim=0),
-            attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
-            generation_config=generation, logits_processor=LogitsProcessorList([sampler]))
-    return generated[:, -policy.raw_action_dim:].reshape(len(images), num_samples, policy.raw_action_dim)
+        tokens = policy.decode_action_tokens(embeddings.repeat_interleave(num_samples, dim=0),
+                                             attention_mask.repeat_interleave(num_samples, dim=0), cache=None)
+    return tokens.reshape(len(images), num_samples, policy.raw_action_dim)
 
 
 def openvla_latency(device: torch.device, size: str, ks: list[int], warmup: int, repeats: int,

@@ -796,8 +796,6 @@ class OpenVLAPolicy(Policy):
     def generate_action_tokens(self, observations: PolicyInput, num_samples: int,
                                deterministic: bool = False) -> torch.Tensor:
         """``[B, K, A_raw]`` action token ids from one batched ``generate`` call."""
-        from transformers import GenerationConfig, LogitsProcessorList
-
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         images = self.images(observations)
@@ -812,20 +810,31 @@ class OpenVLAPolicy(Policy):
             cache.batch_repeat_interleave(rows)
             embeddings = embeddings.repeat_interleave(rows, dim=0)
             attention_mask = attention_mask.repeat_interleave(rows, dim=0)
+        tokens = self.decode_action_tokens(embeddings, attention_mask, cache, deterministic)
+        tokens = tokens.reshape(batch, rows, self.raw_action_dim)
+        return tokens.repeat(1, num_samples // rows, 1)  # greedy: the one best guess in every slot
+
+    def decode_action_tokens(self, embeddings: torch.Tensor, attention_mask: torch.Tensor, cache: Optional[Any],
+                             deterministic: bool = False) -> torch.Tensor:
+        """``[rows, A_raw]`` action tokens that one ``generate`` call appends to left-padded prefixes
+        (``inputs_embeds [rows, L, H]``, ``attention_mask [rows, L]``), sampled at the configured
+        temperature or greedy; ``cache`` (:meth:`prefill`, one entry per row) holds the positions the
+        model need not run again, None runs it over the whole prefix."""
+        from transformers import GenerationConfig, LogitsProcessorList
 
         tokenizer = self.processor.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         generation = GenerationConfig(max_new_tokens=self.raw_action_dim, do_sample=False, num_beams=1,
                                       use_cache=True, pad_token_id=pad_id)
         sampler = action_token_sampler(self.layout, None if deterministic else float(self.config.temperature))
-        # generate sees the whole prefix but runs the model only past the cached positions: the last
-        # prefix position (which predicts the first action token) and the A_raw - 1 tokens after it
+        # with a cache, generate sees the whole prefix but runs the model only past the cached
+        # positions: the last prefix position (which predicts the first action token) and the
+        # A_raw - 1 tokens after it
         generated = self.model.language_model.generate(
             inputs_embeds=embeddings, attention_mask=attention_mask, generation_config=generation,
-            logits_processor=LogitsProcessorList([sampler]), **{cache_argument(): cache},
+            logits_processor=LogitsProcessorList([sampler]), **({} if cache is None else {cache_argument(): cache}),
         )
-        tokens = generated[:, -self.raw_action_dim:].reshape(batch, rows, self.raw_action_dim)
-        return tokens.repeat(1, num_samples // rows, 1)  # greedy: the one best guess in every slot
+        return generated[:, -self.raw_action_dim:]
 
     def prefill(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         """The language model's key/value cache of every prefix position but the last, one row per
